@@ -1,0 +1,1 @@
+"""Rollout: generation backends, tree builders and the actor loop (later issue)."""

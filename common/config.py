@@ -1,0 +1,235 @@
+"""Typed run configuration: one TOML file, dotted command-line overrides, errors that name the key.
+
+A run is described by one `RunConfig`. Every section forbids unknown keys, so a typo fails at start
+with the dotted key and a suggestion instead of being silently ignored. Overrides use the same
+dotted names as the TOML file (`--set replay.capacity_trees=10000`); their values are parsed as TOML
+values (numbers, booleans, strings, arrays), falling back to a plain string.
+
+Later roles add their own sections to `RunConfig`; each section is a pydantic model with
+`extra="forbid"`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the dotted key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class TransportConfig(_Section):
+    """Where the replay service listens, message limits, and CurveZMQ key files."""
+
+    replay_endpoint: str = Field(
+        "tcp://127.0.0.1:5555", description="ZeroMQ endpoint the replay ROUTER binds and clients connect to"
+    )
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, gt=1024, description="largest message (all frames) a socket accepts"
+    )
+    server_secret_key: str | None = Field(
+        None, description="CurveZMQ secret key file of a service (from `at2po keys gen`)"
+    )
+    server_public_key: str | None = Field(
+        None, description="CurveZMQ public key file of the service a client connects to"
+    )
+    client_secret_key: str | None = Field(None, description="CurveZMQ secret key file of a client")
+    authorized_keys_dir: str | None = Field(None, description="directory of client public key files a service accepts")
+
+
+class ReplayConfig(_Section):
+    """The tree-replay store and its sampling, admission and capacity rules."""
+
+    dir: str = Field("runs/replay", description="LMDB directory of the store")
+    map_size_gb: float = Field(64.0, gt=0, description="LMDB map size (sparse file, upper bound of the store)")
+    capacity_trees: int = Field(100_000, gt=0, description="most trees kept; consumed trees are evicted first")
+    capacity_bytes: int = Field(32 * 1024**3, gt=0, description="most subtree bytes kept")
+    sampler: Literal["fifo", "uniform"] = Field("fifo", description="fifo: each tree once, in order")
+    max_times_sampled: int = Field(
+        1, ge=0, description="uniform: a tree is retired after this many samples (0 = no bound)"
+    )
+    samples_per_insert: float | None = Field(
+        None, gt=0, description="rate limiter (uniform only): target samples per inserted tree; unset = off"
+    )
+    min_size_to_sample: int = Field(1, ge=1, description="rate limiter: trees needed before any sample")
+    error_buffer: float = Field(
+        64.0, gt=0, description="rate limiter: allowed deviation of inserts*spi - samples from its target"
+    )
+    max_staleness: int = Field(4, ge=0, description="trees more versions behind the learner are not handed out")
+    trees_per_step: int = Field(16, gt=0, description="trees the learner consumes per version (admission)")
+    lease_ttl_s: float = Field(300.0, gt=0, description="a growing tree with no activity this long is dropped")
+    commit_max_messages: int = Field(64, gt=0, description="group commit: most subtrees per transaction")
+    commit_max_delay_ms: float = Field(2.0, ge=0, description="group commit: longest wait to fill a transaction")
+    sample_batches_kept: int = Field(
+        256, ge=1, description="recent sample batches remembered so a retried request gets the same trees"
+    )
+    seed: int = Field(0, description="seed of the uniform sampler")
+
+
+class LoggingConfig(_Section):
+    """structlog output and the JSON-lines metrics file."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json_logs: bool | None = Field(None, description="JSON lines; unset = JSON unless stderr is a TTY")
+    metrics_path: str | None = Field(None, description="JSON-lines metrics file; unset = no metrics file")
+
+
+class RunConfig(_Section):
+    """Everything one run needs; the same file serves `at2po run` and each role started by hand."""
+
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `a.b=value` and parse the value as a TOML value (plain string if it is not one)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, model: type[BaseModel]) -> None:
+    parts = key.split(".")
+    node: dict[str, Any] = tree
+    current: type[BaseModel] | None = model
+    for depth, part in enumerate(parts):
+        if current is not None and part not in current.model_fields:
+            prefix = ".".join(parts[:depth])
+            raise ConfigError(_unknown_key_message(prefix, part, _known_keys(current)))
+        is_last = depth == len(parts) - 1
+        if is_last:
+            node[part] = value
+            return
+        annotation = current.model_fields[part].annotation if current is not None else None
+        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if current is None:
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])} is a value, not a section (override {key!r})")
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])} is a value in the file, not a section")
+        node = child
+
+
+def _unknown_key_message(prefix: str, part: str, known: list[str]) -> str:
+    dotted = f"{prefix}.{part}" if prefix else part
+    close = difflib.get_close_matches(part, known, n=1)
+    hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+    return f"{dotted}: unknown key{hint}; known keys here: {', '.join(sorted(known))}"
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        dotted = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{dotted}: unknown key")
+        else:
+            lines.append(f"{dotted}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(lines)
+
+
+def build_config(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> RunConfig:
+    """Validate a parsed TOML mapping plus dotted overrides into a RunConfig."""
+    tree: dict[str, Any] = _deep_copy(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, RunConfig)
+    _check_unknown(tree, RunConfig, "")
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error)) from None
+
+
+def _check_unknown(tree: Mapping[str, Any], model: type[BaseModel], prefix: str) -> None:
+    for key, value in tree.items():
+        if key not in model.model_fields:
+            raise ConfigError(_unknown_key_message(prefix.rstrip("."), key, _known_keys(model)))
+        annotation = model.model_fields[key].annotation
+        if isinstance(value, Mapping) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _check_unknown(value, annotation, f"{prefix}{key}.")
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a TOML file (or nothing, for the defaults) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist")
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{file}: not valid TOML: {error}") from None
+        except OSError as error:
+            raise ConfigError(f"config file {file} cannot be read: {error}") from None
+    return build_config(data, overrides)
+
+
+def dump_config(config: RunConfig) -> str:
+    """Render a config as TOML text (for `--dry-run` style output and run directories)."""
+    lines: list[str] = []
+    for section_name in RunConfig.model_fields:
+        section = getattr(config, section_name)
+        lines.append(f"[{section_name}]")
+        for key, value in section.model_dump().items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string: escape backslash, quote and the control characters TOML forbids literally."""
+    parts = []
+    for char in value:
+        if char in _TOML_ESCAPES:
+            parts.append(_TOML_ESCAPES[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            parts.append(f"\\u{ord(char):04x}")
+        else:
+            parts.append(char)
+    return '"' + "".join(parts) + '"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot render {value!r} as TOML")

@@ -1,0 +1,1 @@
+"""Training: credit assignment, ATPO losses, the DeepSpeed engine, weight publishing (later issue)."""

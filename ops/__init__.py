@@ -1,0 +1,1 @@
+"""Operating at2po: the CLI root, supervisors, benchmarks and deployment files."""

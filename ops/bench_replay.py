@@ -1,0 +1,238 @@
+"""`at2po bench replay`: durable ingest through ZeroMQ against raw LMDB, and sample latency under load.
+
+All figures come from one run on one machine, and the headline is a ratio against a baseline
+measured in the same run, because absolute times on a shared machine mean little:
+- `raw_lmdb_mb_s`: the same message bytes put straight into LMDB by one process, 64 messages per
+  synced transaction (the ceiling the service's group commit works against);
+- `ingest_mb_s`: the same bytes streamed by 2 client processes through the replay service, counted
+  when acked (acks come only after the commit that holds the message);
+- `sample_p50_ms` / `sample_p99_ms`: a learner process sampling batches of completed trees while
+  the ingest runs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from common.config import RunConfig, build_config
+from common.subtree import SubtreeHeader, encode_subtree
+from replay.synthetic import random_tree
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    total_mb: float = 256.0
+    clients: int = 2
+    message_kb: float = 64.0
+    messages_per_tree: int = 2
+    sample_trees: int = 64
+    window: int = 128
+    seed: int = 0
+
+
+def free_endpoint() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def bench_config(store_dir: Path, endpoint: str, settings: BenchSettings) -> RunConfig:
+    return build_config(
+        {
+            "transport": {"replay_endpoint": endpoint},
+            "replay": {
+                "dir": str(store_dir),
+                "map_size_gb": max(1.0, 3 * settings.total_mb / 1024),
+                "capacity_bytes": int(2 * settings.total_mb * 1024**2),
+                "sampler": "uniform",
+                "max_times_sampled": 0,
+                "max_staleness": 1_000_000,
+                "trees_per_step": settings.sample_trees,
+                "lease_ttl_s": 3600.0,
+            },
+            "logging": {"level": "warning"},
+        }
+    )
+
+
+def template_nodes(settings: BenchSettings, rng: np.random.Generator) -> list[list[Any]]:
+    """Nodes of one tree, cut into `messages_per_tree` chunks of about `message_kb` each."""
+    nodes_per_message = 4
+    # 12 bytes per generated token (id, log-prob, version) plus a few observation tokens.
+    tokens = max(8, int(settings.message_kb * 1024 / nodes_per_message / 12.5))
+    n_nodes = nodes_per_message * settings.messages_per_tree
+    tree = random_tree(rng, "0", n_nodes=n_nodes, tokens_per_turn=tokens, obs_tokens=16, prompt_tokens=64)
+    ordered = [tree.nodes[i] for i in sorted(tree.nodes)]
+    return [ordered[i : i + nodes_per_message] for i in range(0, n_nodes, nodes_per_message)]
+
+
+def encode_tree(chunks: list[list[Any]], tree_id: str, actor_id: str) -> list[bytes]:
+    return [
+        encode_subtree(SubtreeHeader(tree_id, "bench-task", actor_id, seq, seq == len(chunks) - 1), chunk)
+        for seq, chunk in enumerate(chunks)
+    ]
+
+
+def _client_main(config: RunConfig, actor_id: str, settings: BenchSettings, n_trees: int, conn: Connection) -> None:
+    from common.replay_client import ActorReplayClient
+
+    rng = np.random.default_rng(settings.seed + hash(actor_id) % 1000)
+    chunks = template_nodes(settings, rng)
+    endpoint = config.transport.replay_endpoint
+    with ActorReplayClient(endpoint, actor_id, config.transport, window=settings.window) as client:
+        tree_ids: list[str] = []
+        while len(tree_ids) < n_trees:
+            grant = client.request_leases(min(1024, n_trees - len(tree_ids)), timeout_s=30)
+            tree_ids.extend(grant.tree_ids)
+        messages = [(tid, seq, data) for tid in tree_ids for seq, data in enumerate(encode_tree(chunks, tid, actor_id))]
+        conn.send(("ready", sum(len(m[2]) for m in messages)))
+        conn.recv()  # go
+        start = time.perf_counter()
+        for tree_id, seq, data in messages:
+            client.send_subtree(data, tree_id, seq, timeout_s=120)
+        client.flush(timeout_s=120)
+        elapsed = time.perf_counter() - start
+        conn.send(("done", elapsed, client.acked, client.resent, len(client.rejected)))
+
+
+def _sampler_main(config: RunConfig, settings: BenchSettings, conn: Connection) -> None:
+    from common.replay_client import LearnerReplayClient
+
+    latencies: list[float] = []
+    reply_bytes: list[int] = []
+    with LearnerReplayClient(config.transport.replay_endpoint, config.transport) as client:
+        conn.send("ready")
+        conn.recv()
+        while not conn.poll():
+            start = time.perf_counter()
+            reply, trees = client.try_sample(settings.sample_trees, learner_version=0)
+            if reply.ready:
+                latencies.append((time.perf_counter() - start) * 1000)
+                reply_bytes.append(sum(len(m) for t in trees for m in t.messages))
+        conn.send((latencies, reply_bytes))
+
+
+def _server_main(config: RunConfig) -> None:
+    from replay.service import ReplayService
+
+    ReplayService(config).serve_forever()
+
+
+def raw_lmdb_mb_s(messages: list[bytes], directory: Path, per_txn: int = 64) -> float:
+    """The same bytes straight into LMDB from one process, `per_txn` messages per synced commit."""
+    env = lmdb.open(str(directory), map_size=4 * sum(len(m) for m in messages) + (64 << 20), sync=True, meminit=False)
+    try:
+        start = time.perf_counter()
+        for first in range(0, len(messages), per_txn):
+            with env.begin(write=True) as txn:
+                for offset, data in enumerate(messages[first : first + per_txn]):
+                    txn.put((first + offset).to_bytes(8, "big"), data)
+        elapsed = time.perf_counter() - start
+    finally:
+        env.close()
+    return sum(len(m) for m in messages) / elapsed / 1e6
+
+
+def prefill(config: RunConfig, settings: BenchSettings) -> None:
+    """Complete enough trees before the clock starts that sampling is possible from the first moment."""
+    from common.replay_client import ActorReplayClient
+
+    chunks = template_nodes(settings, np.random.default_rng(settings.seed))
+    with ActorReplayClient(config.transport.replay_endpoint, "prefill", config.transport) as client:
+        grant = client.request_leases(settings.sample_trees, timeout_s=30)
+        for tree_id in grant.tree_ids:
+            for seq, data in enumerate(encode_tree(chunks, tree_id, "prefill")):
+                client.send_subtree(data, tree_id, seq, timeout_s=60)
+        client.flush(timeout_s=60)
+
+
+def run_replay_bench(settings: BenchSettings, work_dir: Path | None = None) -> dict[str, Any]:
+    base = Path(tempfile.mkdtemp(prefix="at2po-bench-", dir=work_dir))
+    ctx = mp.get_context("spawn")
+    processes: list[Any] = []
+    try:
+        chunks = template_nodes(settings, np.random.default_rng(settings.seed))
+        tree_messages = encode_tree(chunks, "1", "raw")
+        tree_bytes = sum(len(m) for m in tree_messages)
+        trees_per_client = max(1, int(settings.total_mb * 1e6 / settings.clients / tree_bytes))
+        raw_messages = tree_messages * (trees_per_client * settings.clients)
+        raw = raw_lmdb_mb_s(raw_messages, base / "raw")
+        shutil.rmtree(base / "raw", ignore_errors=True)
+        del raw_messages
+
+        config = bench_config(base / "store", free_endpoint(), settings)
+        server = ctx.Process(target=_server_main, args=(config,), daemon=True)
+        server.start()
+        processes.append(server)
+        prefill(config, settings)
+
+        client_pipes = []
+        for i in range(settings.clients):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_client_main, args=(config, f"bench-{i}", settings, trees_per_client, child))
+            proc.start()
+            processes.append(proc)
+            client_pipes.append(parent)
+        sampler_pipe, sampler_child = ctx.Pipe()
+        sampler = ctx.Process(target=_sampler_main, args=(config, settings, sampler_child), daemon=True)
+        sampler.start()
+        processes.append(sampler)
+
+        ingest_bytes = sum(_expect(pipe, "ready", 300)[1] for pipe in client_pipes)
+        sampler_pipe.recv()
+        start = time.perf_counter()
+        sampler_pipe.send("go")
+        for pipe in client_pipes:
+            pipe.send("go")
+        results = [_expect(pipe, "done", 600) for pipe in client_pipes]
+        wall = time.perf_counter() - start
+        sampler_pipe.send("stop")
+        latencies, reply_bytes = sampler_pipe.recv()
+        acked = sum(r[2] for r in results)
+        ingest = ingest_bytes / wall / 1e6
+        lat = np.array(latencies) if latencies else np.array([float("nan")])
+        return {
+            "ingest_mb_s": round(ingest, 1),
+            "raw_lmdb_mb_s": round(raw, 1),
+            "ingest_vs_raw": round(ingest / raw, 3),
+            "sample_p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "sample_p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "samples": len(latencies),
+            "sample_batch_trees": settings.sample_trees,
+            "sample_reply_mb": round(float(np.mean(reply_bytes)) / 1e6, 2) if reply_bytes else None,
+            "clients": settings.clients,
+            "messages_acked": acked,
+            "message_kb": round(len(tree_messages[0]) / 1024, 1),
+            "messages_per_tree": settings.messages_per_tree,
+            "ingest_mb": round(ingest_bytes / 1e6, 1),
+            "ingest_wall_s": round(wall, 2),
+            "resent": sum(r[3] for r in results),
+            "rejected": sum(r[4] for r in results),
+        }
+    finally:
+        for proc in processes:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join(timeout=10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _expect(pipe: Connection, tag: str, timeout_s: float) -> tuple[Any, ...]:
+    if not pipe.poll(timeout_s):
+        raise TimeoutError(f"benchmark process sent no {tag!r} within {timeout_s} s")
+    message = pipe.recv()
+    if message[0] != tag:
+        raise RuntimeError(f"benchmark process sent {message!r}, expected {tag!r}")
+    return message
+

@@ -1,0 +1,27 @@
+"""The `at2po` command line: one typer app; each role registers its sub-commands here."""
+
+from __future__ import annotations
+
+import typer
+
+from ops.bench_cmd import bench_app
+from ops.keys_cmd import keys_app
+from ops.replay_cmd import replay_app
+
+app = typer.Typer(
+    name="at2po",
+    help="Train multi-turn tool-using LLM agents with AT2PO as an asynchronous actor-learner system.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(keys_app, name="keys")
+app.add_typer(replay_app, name="replay")
+app.add_typer(bench_app, name="bench")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

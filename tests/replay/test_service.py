@@ -1,0 +1,216 @@
+"""The replay service over real ZeroMQ sockets: replies, acks after commit, and bad input of every kind."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.config import RunConfig, build_config
+from common.wire import (
+    AckMsg,
+    ErrorCode,
+    ErrorMsg,
+    LeaseRequestMsg,
+    SampleRequestMsg,
+    StatsRequestMsg,
+    SubtreeMsg,
+    VersionMsg,
+    decode_message,
+    encode_message,
+)
+from replay.service import ReplayService
+from replay.synthetic import random_tree, tree_messages
+
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
+def make_config(tmp_path: Path, **replay: Any) -> RunConfig:
+    return build_config(
+        {
+            "transport": {"replay_endpoint": "tcp://127.0.0.1:*", "max_message_bytes": MAX_MESSAGE_BYTES},
+            "replay": {
+                "dir": str(tmp_path / "store"),
+                "map_size_gb": 0.05,
+                "capacity_bytes": 20_000_000,
+                "trees_per_step": 2,
+                "max_staleness": 2,
+                "capacity_trees": 50,
+                **replay,
+            },
+            "logging": {"level": "error"},
+        }
+    )
+
+
+class Peer:
+    """A raw DEALER that speaks the wire format by hand."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def recv(self, timeout_ms: int = 5000) -> tuple[Any, list[Any]]:
+        if not self.sock.poll(timeout_ms):
+            raise TimeoutError("no reply from the replay service")
+        return decode_message(self.sock.recv_multipart(), 1 << 30)
+
+    def request(self, message: Any, blobs: list[bytes] | None = None) -> tuple[Any, list[Any]]:
+        self.send(encode_message(message, blobs or []))
+        return self.recv()
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[ReplayService]:
+    svc = ReplayService(make_config(tmp_path))
+    svc.bind()
+    thread = threading.Thread(target=svc.run, daemon=True)
+    thread.start()
+    yield svc
+    svc.stop()
+    thread.join(timeout=10)
+    svc.close()
+
+
+@pytest.fixture
+def peer(service: ReplayService) -> Iterator[Peer]:
+    ctx = zmq.Context()
+    yield Peer(ctx, service.endpoint)
+    ctx.destroy(linger=0)
+
+
+def lease(peer: Peer, n: int = 1) -> list[str]:
+    reply, _ = peer.request(LeaseRequestMsg(req=1, actor_id="actor", n=n))
+    assert reply.kind == "lease_grant", reply
+    return reply.tree_ids
+
+
+def stats(peer: Peer) -> dict[str, Any]:
+    reply, _ = peer.request(StatsRequestMsg(req=99))
+    return reply.stats
+
+
+def test_subtrees_are_acked_and_duplicates_acked_again(peer: Peer) -> None:
+    (tree_id,) = lease(peer)
+    messages = tree_messages(random_tree(np.random.default_rng(0), tree_id, n_nodes=6), nodes_per_message=2)
+    for seq, data in enumerate(messages):
+        reply, _ = peer.request(SubtreeMsg(req=10 + seq), [data])
+        assert isinstance(reply, AckMsg) and (reply.tree_id, reply.seq, reply.duplicate) == (tree_id, seq, False)
+    reply, _ = peer.request(SubtreeMsg(req=50), [messages[0]])
+    assert isinstance(reply, AckMsg) and reply.duplicate and reply.req == 50
+    figures = stats(peer)["store"]
+    assert figures["subtrees_stored"] == len(messages)
+    assert figures["duplicates"] == 1
+    assert figures["ready"] == 1
+
+
+def test_sample_version_and_stats_round_trip(peer: Peer) -> None:
+    tree_ids = lease(peer, 2)
+    rng = np.random.default_rng(1)
+    for tree_id in tree_ids:
+        for data in tree_messages(random_tree(rng, tree_id, n_nodes=5)):
+            assert peer.request(SubtreeMsg(req=1), [data])[0].kind == "ack"
+    reply, blobs = peer.request(SampleRequestMsg(req=7, request_id="a", n=3, learner_version=0))
+    assert reply.kind == "sample_reply" and not reply.ready and "2 completed trees ready" in reply.reason
+    assert blobs == []
+    reply, blobs = peer.request(SampleRequestMsg(req=8, request_id="b", n=2, learner_version=0))
+    assert reply.ready and [t.tree_id for t in reply.trees] == tree_ids
+    assert len(blobs) == sum(t.n_messages for t in reply.trees)
+    reply, _ = peer.request(VersionMsg(req=9, version=3))
+    assert isinstance(reply, AckMsg) and reply.req == 9
+    assert stats(peer)["store"]["learner_version"] == 3
+
+
+def test_sample_request_beyond_capacity_is_an_error(peer: Peer) -> None:
+    reply, _ = peer.request(SampleRequestMsg(req=3, request_id="x", n=51, learner_version=0))
+    assert isinstance(reply, ErrorMsg) and reply.code is ErrorCode.BAD_REQUEST and reply.req == 3
+
+
+def _error_code(peer: Peer, frames: list[bytes]) -> ErrorCode:
+    peer.send(frames)
+    reply, _ = peer.recv()
+    assert isinstance(reply, ErrorMsg), reply
+    return reply.code
+
+
+def test_each_kind_of_bad_message_gets_its_error(peer: Peer) -> None:
+    (tree_id,) = lease(peer)
+    good = tree_messages(random_tree(np.random.default_rng(2), tree_id, n_nodes=3), nodes_per_message=8)[0]
+    header = json.dumps({"proto": 1, "kind": "subtree", "req": 4}).encode()
+    cases = {
+        ErrorCode.MALFORMED: [b"{not json"],
+        ErrorCode.UNSUPPORTED_PROTOCOL: [json.dumps({"proto": 2, "kind": "subtree", "req": 1}).encode(), good],
+        ErrorCode.UNKNOWN_KIND: [json.dumps({"proto": 1, "kind": "teleport", "req": 1}).encode()],
+        ErrorCode.OVERSIZED: [header, b"\0" * (MAX_MESSAGE_BYTES + 10)],
+        ErrorCode.BAD_SUBTREE: [header, good[: len(good) // 2]],
+    }
+    for expected, frames in cases.items():
+        assert _error_code(peer, frames) is expected
+    # Replies the service itself sends are not requests.
+    assert _error_code(peer, encode_message(AckMsg(req=1))) is ErrorCode.UNKNOWN_KIND
+    # Wrong blob count for a subtree.
+    assert _error_code(peer, [header]) is ErrorCode.MALFORMED
+    # A subtree for a tree never leased.
+    stranger = tree_messages(random_tree(np.random.default_rng(3), "999", n_nodes=3), nodes_per_message=8)[0]
+    assert _error_code(peer, [header, stranger]) is ErrorCode.UNKNOWN_TREE
+    figures = stats(peer)
+    assert figures["store"]["subtrees_stored"] == 0, "a refused message must never be stored, not even half"
+    errors = {k: v for k, v in figures["service"].items() if k.startswith("errors.")}
+    assert sum(errors.values()) == 8
+    assert errors["errors.malformed"] == 2
+    # Still serving: the intact message is stored and acked.
+    assert peer.request(SubtreeMsg(req=5), [good])[0].kind == "ack"
+
+
+def test_vanishing_client_does_not_hurt_the_service(service: ReplayService, peer: Peer) -> None:
+    ctx = zmq.Context()
+    leaver = Peer(ctx, service.endpoint)
+    tree_ids = lease(leaver, 2)
+    rng = np.random.default_rng(4)
+    for tree_id in tree_ids:
+        for data in tree_messages(random_tree(rng, tree_id, n_nodes=5, actor_id="actor")):
+            leaver.send(encode_message(SubtreeMsg(req=1), [data]))
+    ctx.destroy(linger=0)  # gone before reading a single ack
+    figures = stats(peer)["store"]
+    assert figures["growing"] + figures["ready"] == 2
+    assert lease(peer, 1)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    frames=st.lists(
+        st.one_of(
+            st.binary(max_size=64),
+            st.sampled_from(
+                [
+                    b'{"proto": 1, "kind": "subtree", "req": 1}',
+                    b'{"proto": 1, "kind": "sample_request", "req": 2, "request_id": "r", "n": 1}',
+                    b'{"proto": 1, "kind": "lease_request", "req": 3, "actor_id": "", "n": -1}',
+                    b'{"proto": 1, "kind": "version", "req": 4, "version": "x"}',
+                    b"ARROW1\x00\x00",
+                    b"[]",
+                ]
+            ),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_fuzzed_frames_get_an_error_and_never_stop_the_service(peer: Peer, frames: list[bytes]) -> None:
+    peer.send(frames)
+    reply, _ = peer.recv()
+    # Anything that is not a well-formed request is answered with an error, never stored.
+    assert reply.kind in {"error", "lease_grant", "sample_reply", "ack", "stats_reply"}
+    assert stats(peer)["store"]["subtrees_stored"] == 0

@@ -1,0 +1,1 @@
+"""Tool environments, tasks and rewards (later issue)."""
