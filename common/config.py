@@ -79,7 +79,7 @@ class ReplayConfig(_Section):
 class LoggingConfig(_Section):
     """structlog output and the JSON-lines metrics file."""
 
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="least severe level logged")
     json_logs: bool | None = Field(None, description="JSON lines; unset = JSON unless stderr is a TTY")
     metrics_path: str | None = Field(None, description="JSON-lines metrics file; unset = no metrics file")
 

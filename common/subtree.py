@@ -16,6 +16,7 @@ Rules of the format (decided here, relied on by replay and learner):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -245,6 +246,14 @@ def _header(schema: pa.Schema) -> SubtreeHeader:
 
 
 def _check_columns(batch: pa.RecordBatch) -> None:
+    try:
+        _check_column_types(batch)
+    except UnicodeDecodeError:
+        # pyarrow decodes field names (and type names in messages) as UTF-8 when Python asks for them.
+        raise SchemaMismatchError("a column or field name is not UTF-8") from None
+
+
+def _check_column_types(batch: pa.RecordBatch) -> None:
     schema = batch.schema
     if schema.equals(SCHEMA_V1, check_metadata=False):
         types_ok = True
@@ -278,51 +287,78 @@ def _check_columns(batch: pa.RecordBatch) -> None:
         raise SchemaMismatchError(f"columns are not in v{FORMAT_VERSION} order: {', '.join(schema.names)}")
 
 
-def _lengths(column: pa.ListArray) -> np.ndarray:
-    return np.diff(column.offsets.to_numpy())
+def _lengths(column: pa.ListArray) -> list[int]:
+    offsets = column.offsets.to_pylist()
+    return [b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
 def _values(column: pa.ListArray) -> np.ndarray:
-    offsets = column.offsets.to_numpy()
-    return column.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    offsets = column.offsets
+    first, last = offsets[0].as_py(), offsets[-1].as_py()
+    return column.values.to_numpy(zero_copy_only=False)[first:last]
 
 
-def _check_rows(batch: pa.RecordBatch) -> None:
+@dataclass(frozen=True)
+class _Rows:
+    """The per-node scalar columns as Python lists: messages hold few nodes, so plain loops beat numpy."""
+
+    node_ids: list[int]
+    parents: list[int]
+    depths: list[int]
+    leaves: list[bool]
+    has_reward: list[bool]
+
+    @classmethod
+    def of(cls, batch: pa.RecordBatch) -> _Rows:
+        return cls(
+            node_ids=batch.column("node_id").to_pylist(),
+            parents=batch.column("parent_id").to_pylist(),
+            depths=batch.column("depth").to_pylist(),
+            leaves=batch.column("is_leaf").to_pylist(),
+            has_reward=batch.column("reward").is_valid().to_pylist(),
+        )
+
+
+def _check_rows(batch: pa.RecordBatch) -> _Rows:
     if batch.num_rows == 0:
         raise InvalidNodeError("a subtree message needs at least one node")
     n_tokens = _lengths(batch.column("token_ids"))
     for name in ("logprobs", "versions"):
         lengths = _lengths(batch.column(name))
-        mismatch = np.flatnonzero(lengths != n_tokens)
-        if len(mismatch):
-            row = int(mismatch[0])
+        if lengths != n_tokens:
+            row = next(i for i, (a, b) in enumerate(zip(lengths, n_tokens, strict=True)) if a != b)
             raise InconsistentLengthsError(
                 f"row {row}: {name} has {lengths[row]} values but token_ids has {n_tokens[row]}"
             )
     topk = batch.column("topk_logprobs")
     topk_rows = _lengths(topk)
-    if np.any(topk_rows > n_tokens):
+    if any(t > n for t, n in zip(topk_rows, n_tokens, strict=True)):
         raise InconsistentLengthsError("topk_logprobs covers more tokens than were generated")
     # Every top-k row of one node has the same k (decode stacks them into a tokens x k matrix).
-    k = _lengths(topk.flatten())
-    row_of = np.repeat(np.arange(len(topk_rows)), topk_rows)
-    ragged = np.flatnonzero((row_of[1:] == row_of[:-1]) & (k[1:] != k[:-1]))
-    if len(ragged):
-        raise InconsistentLengthsError(f"row {int(row_of[ragged[0]])}: topk_logprobs rows must all have the same k")
-    node_ids = batch.column("node_id").to_numpy()
-    if len(np.unique(node_ids)) != len(node_ids):
+    if any(topk_rows):
+        outer = topk.offsets.to_numpy()
+        k = np.diff(topk.values.offsets.to_numpy()[outer[0] : outer[-1] + 1]).tolist()
+        position = 0
+        for row, count in enumerate(topk_rows):
+            if count and len(set(k[position : position + count])) != 1:
+                raise InconsistentLengthsError(f"row {row}: topk_logprobs rows must all have the same k")
+            position += count
+    rows = _Rows.of(batch)
+    if len(set(rows.node_ids)) != len(rows.node_ids):
         raise InvalidNodeError("a node id appears twice in one message")
-    if node_ids.min() < 0:
-        raise InvalidNodeError("node ids must be >= 0")
-    parents = batch.column("parent_id").to_numpy()
-    depths = batch.column("depth").to_numpy()
-    is_root = parents == -1
-    if np.any(parents < -1) or np.any(parents == node_ids):
-        raise InvalidNodeError("parent ids must be -1 (root) or another node's id")
-    if np.any(is_root & (depths != 0)) or np.any(~is_root & (depths < 1)):
-        raise InvalidNodeError("the root has depth 0 and every other node depth >= 1")
-    if np.any(is_root & batch.column("is_leaf").to_numpy(zero_copy_only=False)):
-        raise InvalidNodeError("the root cannot be a leaf")
+    for node_id, parent, depth, leaf, rewarded in zip(
+        rows.node_ids, rows.parents, rows.depths, rows.leaves, rows.has_reward, strict=True
+    ):
+        if node_id < 0:
+            raise InvalidNodeError("node ids must be >= 0")
+        if parent < -1 or parent == node_id:
+            raise InvalidNodeError("parent ids must be -1 (root) or another node's id")
+        if (parent == -1 and depth != 0) or (parent != -1 and depth < 1):
+            raise InvalidNodeError("the root has depth 0 and every other node depth >= 1")
+        if parent == -1 and leaf:
+            raise InvalidNodeError("the root cannot be a leaf")
+        if rewarded and not leaf:
+            raise InvalidNodeError("only leaves carry a reward")
     for name in ("obs_ids", "token_ids"):
         values = _values(batch.column(name))
         if len(values) and values.min() < 0:
@@ -331,21 +367,16 @@ def _check_rows(batch: pa.RecordBatch) -> None:
     if len(versions) and versions.min() < 0:
         raise InvalidNodeError("policy versions must be >= 0")
     logprobs = _values(batch.column("logprobs"))
-    if len(logprobs) and (not np.isfinite(logprobs).all() or logprobs.max() > 1e-3):
+    if len(logprobs) and not (logprobs.max() <= 1e-3 and np.isfinite(logprobs.min())):
         raise InvalidNodeError("logprobs must be finite and <= 0")
-    reasons = batch.column("finish_reason").to_pylist()
-    unknown = [r for r in reasons if r not in _FINISH_REASONS]
+    unknown = [r for r in batch.column("finish_reason").to_pylist() if r not in _FINISH_REASONS]
     if unknown:
         raise InvalidNodeError(f"unknown finish_reason {unknown[0]!r}; known: {', '.join(sorted(_FINISH_REASONS))}")
-    rewards = batch.column("reward")
-    if rewards.null_count < len(rewards):
-        valid = ~np.asarray(rewards.is_null().to_numpy(zero_copy_only=False))
-        values = rewards.fill_null(0.0).to_numpy()
-        if not np.isfinite(values[valid]).all():
+    if any(rows.has_reward):
+        rewards = batch.column("reward").to_numpy(zero_copy_only=False).tolist()
+        if not all(math.isfinite(r) for r, given in zip(rewards, rows.has_reward, strict=True) if given):
             raise InvalidNodeError("rewards must be finite")
-        leaves = batch.column("is_leaf").to_numpy(zero_copy_only=False)
-        if np.any(valid & ~leaves):
-            raise InvalidNodeError("only leaves carry a reward")
+    return rows
 
 
 def inspect_subtree(data: bytes | memoryview | pa.Buffer) -> SubtreeSummary:
@@ -353,7 +384,7 @@ def inspect_subtree(data: bytes | memoryview | pa.Buffer) -> SubtreeSummary:
     batch = _read_batch(data)
     header = _header(batch.schema)
     _check_columns(batch)
-    _check_rows(batch)
+    rows = _check_rows(batch)
     versions = _values(batch.column("versions"))
     has_versions = len(versions) > 0
     return SubtreeSummary(
@@ -362,12 +393,7 @@ def inspect_subtree(data: bytes | memoryview | pa.Buffer) -> SubtreeSummary:
         shapes={
             node_id: NodeShape(parent, depth, leaf, has_reward)
             for node_id, parent, depth, leaf, has_reward in zip(
-                batch.column("node_id").to_pylist(),
-                batch.column("parent_id").to_pylist(),
-                batch.column("depth").to_pylist(),
-                batch.column("is_leaf").to_pylist(),
-                batch.column("reward").is_valid().to_pylist(),
-                strict=True,
+                rows.node_ids, rows.parents, rows.depths, rows.leaves, rows.has_reward, strict=True
             )
         },
         min_version=int(versions.min()) if has_versions else None,

@@ -21,9 +21,10 @@ def replay(
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON object")] = False,
     total_mb: Annotated[float, typer.Option(help="bytes streamed by all clients together, in MB")] = 256.0,
     clients: Annotated[int, typer.Option(help="concurrent actor client processes")] = 2,
-    message_kb: Annotated[float, typer.Option(help="size of one subtree message")] = 64.0,
-    messages_per_tree: Annotated[int, typer.Option(help="subtree messages per tree")] = 2,
+    message_kb: Annotated[float, typer.Option(help="size of one subtree message")] = 256.0,
+    messages_per_tree: Annotated[int, typer.Option(help="subtree messages per tree")] = 1,
     sample_trees: Annotated[int, typer.Option(help="trees per sample batch")] = 64,
+    sample_interval_s: Annotated[float, typer.Option(help="pause between sample requests")] = 0.1,
     work_dir: Annotated[Path | None, typer.Option(help="where the temporary stores go")] = None,
 ) -> None:
     """Ingest through ZeroMQ vs raw LMDB, and sample latency while ingest runs."""
@@ -35,6 +36,7 @@ def replay(
         message_kb=message_kb,
         messages_per_tree=messages_per_tree,
         sample_trees=sample_trees,
+        sample_interval_s=sample_interval_s,
     )
     if not as_json:
         typer.echo(f"at2po bench replay: {settings}", err=True)

@@ -6,8 +6,8 @@ measured in the same run, because absolute times on a shared machine mean little
   synced transaction (the ceiling the service's group commit works against);
 - `ingest_mb_s`: the same bytes streamed by 2 client processes through the replay service, counted
   when acked (acks come only after the commit that holds the message);
-- `sample_p50_ms` / `sample_p99_ms`: a learner process sampling batches of completed trees while
-  the ingest runs.
+- `sample_p50_ms` / `sample_p99_ms`: a learner process sampling a batch of completed trees every
+  `sample_interval_s` (a fast learner) while the ingest runs; request to last byte received.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from replay.synthetic import random_tree
 class BenchSettings:
     total_mb: float = 256.0
     clients: int = 2
-    message_kb: float = 64.0
-    messages_per_tree: int = 2
+    message_kb: float = 256.0
+    messages_per_tree: int = 1
     sample_trees: int = 64
     window: int = 128
+    sample_interval_s: float = 0.1
     seed: int = 0
 
 
@@ -69,12 +70,19 @@ def bench_config(store_dir: Path, endpoint: str, settings: BenchSettings) -> Run
 def template_nodes(settings: BenchSettings, rng: np.random.Generator) -> list[list[Any]]:
     """Nodes of one tree, cut into `messages_per_tree` chunks of about `message_kb` each."""
     nodes_per_message = 4
-    # 12 bytes per generated token (id, log-prob, version) plus a few observation tokens.
-    tokens = max(8, int(settings.message_kb * 1024 / nodes_per_message / 12.5))
     n_nodes = nodes_per_message * settings.messages_per_tree
-    tree = random_tree(rng, "0", n_nodes=n_nodes, tokens_per_turn=tokens, obs_tokens=16, prompt_tokens=64)
-    ordered = [tree.nodes[i] for i in sorted(tree.nodes)]
-    return [ordered[i : i + nodes_per_message] for i in range(0, n_nodes, nodes_per_message)]
+
+    def chunks_for(tokens: int) -> list[list[Any]]:
+        tree = random_tree(rng, "0", n_nodes=n_nodes, tokens_per_turn=tokens, obs_tokens=16, prompt_tokens=64)
+        ordered = [tree.nodes[i] for i in sorted(tree.nodes)]
+        return [ordered[i : i + nodes_per_message] for i in range(0, n_nodes, nodes_per_message)]
+
+    # Calibrate tokens per turn so that an encoded message has about the asked size (size is linear in tokens).
+    small, large = (max(len(m) for m in encode_tree(chunks_for(t), "0", "probe")) for t in (64, 512))
+    bytes_per_token = (large - small) / (512 - 64)
+    fixed = small - 64 * bytes_per_token
+    tokens = max(8, int((settings.message_kb * 1024 - fixed) / bytes_per_token))
+    return chunks_for(tokens)
 
 
 def encode_tree(chunks: list[list[Any]], tree_id: str, actor_id: str) -> list[bytes]:
@@ -114,7 +122,7 @@ def _sampler_main(config: RunConfig, settings: BenchSettings, conn: Connection) 
     with LearnerReplayClient(config.transport.replay_endpoint, config.transport) as client:
         conn.send("ready")
         conn.recv()
-        while not conn.poll():
+        while not conn.poll(settings.sample_interval_s):
             start = time.perf_counter()
             reply, trees = client.try_sample(settings.sample_trees, learner_version=0)
             if reply.ready:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from ops.bench_cmd import bench_app
+from ops.config_cmd import config_app
 from ops.keys_cmd import keys_app
 from ops.replay_cmd import replay_app
 
@@ -17,6 +18,7 @@ app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 app.add_typer(replay_app, name="replay")
 app.add_typer(bench_app, name="bench")
+app.add_typer(config_app, name="config")
 
 
 def main() -> None:

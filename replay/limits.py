@@ -82,6 +82,12 @@ def check_replay_config(config: ReplayConfig, map_size_bytes: int | None = None)
     limiter = RateLimiter.from_config(config)
     if limiter is not None:
         spi = limiter.samples_per_insert
+        if spi < 1:
+            problems.append(
+                f"replay.samples_per_insert={spi} is below 1: the limiter then waits for {1 / spi:.3g} inserts per "
+                "sample, but staleness admission starts only about one new tree per sampled tree, so the two "
+                "block each other. Use samples_per_insert >= 1 (or no rate limiter with the fifo sampler)."
+            )
         if config.error_buffer < max(1.0, spi):
             problems.append(
                 f"replay.error_buffer={config.error_buffer} is below max(1, samples_per_insert)={max(1.0, spi)}: "
@@ -97,6 +103,19 @@ def check_replay_config(config: ReplayConfig, map_size_bytes: int | None = None)
                 f"the rate limiter's band (2 * error_buffer = {limiter.max_diff - limiter.min_diff:.1f}) is narrower "
                 f"than one learner batch (replay.trees_per_step={config.trees_per_step}): with inserts blocked at "
                 "the top of the band, a whole batch could never be sampled. Raise replay.error_buffer."
+            )
+        if limiter.max_diff < spi * config.trees_per_step:
+            problems.append(
+                f"the rate limiter stops inserts at {limiter.max_diff / spi:.1f} unsampled trees (min_size_to_sample + "
+                f"error_buffer / samples_per_insert), fewer than one learner batch (replay.trees_per_step="
+                f"{config.trees_per_step}): a whole batch could never be ready. Raise replay.error_buffer."
+            )
+        first_inserts = admission_capacity(config.max_staleness, 0, config.trees_per_step)
+        if first_inserts * spi - config.trees_per_step < limiter.min_diff:
+            problems.append(
+                f"admission lets only {first_inserts} trees start before the first update, but sampling a batch of "
+                f"{config.trees_per_step} must leave inserts*spi - samples >= {limiter.min_diff:.1f}: the first batch "
+                "could never be sampled. Raise replay.error_buffer or replay.max_staleness."
             )
         if config.max_times_sampled and spi > config.max_times_sampled:
             problems.append(

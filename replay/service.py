@@ -1,18 +1,27 @@
-"""The replay service: a ZeroMQ ROUTER in front of the TreeStore, with group commits.
+"""The replay service: a ZeroMQ ROUTER in front of the TreeStore, with pipelined group commits.
 
-One thread owns the socket and the store. Each round it drains up to `commit_max_messages`
-subtrees (waiting at most `commit_max_delay_ms` for more once the first arrived), validates each
-one (`inspect_subtree`), stores the valid ones in one LMDB transaction, and only then sends the
-acks. Requests (leases, samples, versions, stats) are answered after that round's commit, in
-arrival order. Nothing a peer sends can stop the loop: every bad message gets an error reply (or is
-dropped when even the sender cannot be told) and is counted by its error code.
+Two threads, one job each:
+- the IO thread owns the ROUTER: it receives, validates (`decode_message`, `inspect_subtree`),
+  groups valid subtrees into batches and sends every reply;
+- the store thread owns the TreeStore: it commits one batch of up to `commit_max_messages`
+  subtrees per LMDB transaction and answers requests (leases, samples, versions, stats).
+While the store thread waits for a commit to reach the disk, the IO thread validates the next
+batch, so validation and fsync overlap. The IO thread hands over a new batch only when the store
+thread is idle (a batch grows while a commit runs) and waits at most `commit_max_delay_ms` to fill
+a small one. Requests jump ahead of waiting batches, so a learner never waits behind more than one
+commit. Replies travel back over an inproc socket, and an ack is sent only after the commit that
+holds its subtree. Nothing a peer sends can stop either thread: every bad message gets an error
+reply (or is dropped when even the sender cannot be told) and is counted by its error code.
 """
 
 from __future__ import annotations
 
+import itertools
+import queue
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +58,11 @@ log = get_logger("replay.service")
 
 HOUSEKEEPING_INTERVAL_S = 1.0
 METRICS_INTERVAL_S = 5.0
+_REPLIES_ENDPOINT = "inproc://replay-replies-{}"
+_REQUEST_PRIORITY, _BATCH_PRIORITY, _STOP_PRIORITY = 0, 1, 2
+# Subtrees received but not yet validated (bounded: beyond this they wait in ZeroMQ's queue).
+MAX_UNCHECKED = 4096
+INSPECT_SLICE = 8
 
 
 @dataclass
@@ -56,6 +70,12 @@ class _PendingSubtree:
     identity: bytes
     req: int
     item: IngestItem
+
+
+@dataclass
+class _Request:
+    identity: bytes
+    message: WireMessage
 
 
 class ReplayService:
@@ -71,6 +91,10 @@ class ReplayService:
         self.ctx = zmq.Context()
         self._server: ServerSocket | None = None
         self._stop = threading.Event()
+        self._work: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._batches_in_flight = 0
+        self._replies_endpoint = _REPLIES_ENDPOINT.format(id(self))
         self.started = time.time()
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -87,7 +111,7 @@ class ReplayService:
         self._stop.set()
 
     def serve_forever(self) -> None:
-        """Bind if needed, stop on SIGTERM/SIGINT, and run the loop."""
+        """Bind if needed, stop on SIGTERM/SIGINT, and run until stopped."""
         if self._server is None:
             self.bind()
         if threading.current_thread() is threading.main_thread():
@@ -100,25 +124,21 @@ class ReplayService:
             self.close()
 
     def run(self) -> None:
+        """Run the IO loop in this thread and the store loop in a second one, until stop()."""
         if self._server is None:
             self.bind()
         assert self._server is not None
-        sock = self._server.socket
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL_S
-        next_metrics = time.monotonic() + METRICS_INTERVAL_S
-        while not self._stop.is_set():
-            timeout_ms = max(0.0, min(next_housekeeping - time.monotonic(), 0.2)) * 1000
-            if poller.poll(timeout_ms):
-                self._round(sock, poller)
-            now = time.monotonic()
-            if now >= next_housekeeping:
-                self._housekeeping()
-                next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
-            if now >= next_metrics:
-                self.metrics.emit("replay_stats", **self._brief_stats())
-                next_metrics = now + METRICS_INTERVAL_S
+        replies = self.ctx.socket(zmq.PULL)
+        replies.setsockopt(zmq.RCVHWM, 0)
+        replies.bind(self._replies_endpoint)
+        store_thread = threading.Thread(target=self._store_loop, name="replay-store", daemon=True)
+        store_thread.start()
+        try:
+            self._io_loop(self._server.socket, replies)
+        finally:
+            self._work.put((_STOP_PRIORITY, next(self._order), None))
+            store_thread.join()
+            replies.close(linger=0)
 
     def close(self) -> None:
         if self._server is not None:
@@ -129,91 +149,173 @@ class ReplayService:
         self.ctx.destroy(linger=0)
         log.info("replay_stopped")
 
-    # ------------------------------------------------------------------------------ one round
+    # ------------------------------------------------------------------------------ IO thread
 
-    def _round(self, sock: zmq.Socket, poller: zmq.Poller) -> None:
-        pending: list[_PendingSubtree] = []
-        requests: list[tuple[bytes, WireMessage, list[Any]]] = []
+    def _io_loop(self, sock: zmq.Socket, replies: zmq.Socket) -> None:
+        """Receive eagerly, validate in small slices, hand batches to the store thread when it is idle.
+
+        Receiving is cheap and validating is not, so the socket is drained first (requests go to the
+        store thread at once) and subtrees wait in `unchecked`; a request therefore never queues
+        behind more than INSPECT_SLICE validations, however many subtrees the actors have in flight.
+        """
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(replies, zmq.POLLIN)
         limit = self.config.replay.commit_max_messages
-        deadline: float | None = None
-        while len(pending) < limit:
-            try:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                if not pending:
+        delay_s = self.config.replay.commit_max_delay_ms / 1000
+        unchecked: deque[tuple[bytes, int, Any]] = deque()
+        batch: list[_PendingSubtree] = []
+        batch_started = 0.0
+        while not self._stop.is_set():
+            if unchecked and len(batch) < limit:
+                wait_s = 0.0
+            elif batch and self._batches_in_flight == 0:
+                # The store is idle: hand the batch over once full, or once the fill window closed.
+                wait_s = 0.0 if len(batch) >= limit else max(0.0, batch_started + delay_s - time.monotonic())
+            else:
+                wait_s = 0.2
+            events = dict(poller.poll(wait_s * 1000))
+            if replies in events:
+                self._forward_replies(sock, replies)
+            for _ in range(MAX_UNCHECKED - len(unchecked)):
+                try:
+                    frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
                     break
-                if deadline is None:
-                    deadline = time.monotonic() + self.config.replay.commit_max_delay_ms / 1000
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not poller.poll(remaining * 1000):
-                    break
-                continue
-            self._accept(sock, frames, pending, requests)
-        if pending:
-            self._commit(sock, pending)
-        for identity, message, blobs in requests:
-            self._answer(sock, identity, message, blobs)
+                subtree = self._receive(sock, frames)
+                if subtree is not None:
+                    unchecked.append(subtree)
+            for _ in range(min(INSPECT_SLICE, limit - len(batch), len(unchecked))):
+                pending = self._inspect(sock, *unchecked.popleft())
+                if pending is not None:
+                    if not batch:
+                        batch_started = time.monotonic()
+                    batch.append(pending)
+            if (
+                batch
+                and self._batches_in_flight == 0
+                and (len(batch) >= limit or (not unchecked and time.monotonic() >= batch_started + delay_s))
+            ):
+                self._batches_in_flight += 1
+                self._work.put((_BATCH_PRIORITY, next(self._order), batch))
+                batch = []
 
-    def _accept(
-        self,
-        sock: zmq.Socket,
-        frames: list[zmq.Frame],
-        pending: list[_PendingSubtree],
-        requests: list[tuple[bytes, WireMessage, list[Any]]],
-    ) -> None:
+    def _forward_replies(self, sock: zmq.Socket, replies: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = replies.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames[0]) == 0:
+                # An empty first frame marks the end of a committed batch.
+                self._batches_in_flight -= 1
+                continue
+            self._send(sock, frames)
+
+    def _receive(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> tuple[bytes, int, Any] | None:
+        """Decode one message's envelope: a subtree to validate, a request to queue, or an error reply."""
         self.counters.inc("messages_received")
         try:
             identity, body = split_routed(frames)
         except WireError:
             self.counters.inc("dropped_unroutable")
-            return
+            return None
         self.counters.inc("bytes_received", sum(len(f) for f in body))
         try:
             message, blobs = decode_message(body, self.max_message_bytes)
         except WireError as error:
-            self._reply_error(sock, identity, error.req, error.code, error.detail)
-            return
+            self._send(sock, self._error_frames(identity, error.req, error.code, error.detail))
+            return None
         if isinstance(message, SubtreeMsg):
-            data = blobs[0].buffer
-            try:
-                summary = inspect_subtree(data)
-            except SubtreeDecodeError as error:
-                self._reply_error(sock, identity, message.req, ErrorCode.BAD_SUBTREE, f"{type(error).__name__}: {error}")
-                return
-            pending.append(_PendingSubtree(identity, message.req, IngestItem(summary, data)))
-        elif isinstance(message, LeaseRequestMsg | SampleRequestMsg | VersionMsg | StatsRequestMsg):
-            requests.append((identity, message, blobs))
-        else:
-            self._reply_error(sock, identity, message.req, ErrorCode.UNKNOWN_KIND, f"{message.kind} is not a request")
+            return identity, message.req, blobs[0].buffer
+        if isinstance(message, LeaseRequestMsg | SampleRequestMsg | VersionMsg | StatsRequestMsg):
+            self._work.put((_REQUEST_PRIORITY, next(self._order), _Request(identity, message)))
+            return None
+        detail = f"{message.kind} is not a request"
+        self._send(sock, self._error_frames(identity, message.req, ErrorCode.UNKNOWN_KIND, detail))
+        return None
 
-    def _commit(self, sock: zmq.Socket, pending: list[_PendingSubtree]) -> None:
+    def _inspect(self, sock: zmq.Socket, identity: bytes, req: int, data: Any) -> _PendingSubtree | None:
+        """Validate a subtree fully; a bad one is answered with BAD_SUBTREE and never reaches the store."""
+        try:
+            summary = inspect_subtree(data)
+        except SubtreeDecodeError as error:
+            detail = f"{type(error).__name__}: {error}"
+            self._send(sock, self._error_frames(identity, req, ErrorCode.BAD_SUBTREE, detail))
+            return None
+        return _PendingSubtree(identity, req, IngestItem(summary, data))
+
+    def _send(self, sock: zmq.Socket, frames: list[Any]) -> None:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.counters.inc("replies_dropped")
+
+    def _error_frames(self, identity: bytes, req: int, code: ErrorCode, detail: str) -> list[Any]:
+        self.counters.inc(f"errors.{code.value}")
+        log.warning("replay_bad_message", code=code.value, detail=detail[:300], req=req)
+        return [identity, *encode_message(ErrorMsg(req=req, code=code, message=detail))]
+
+    # ------------------------------------------------------------------------------ store thread
+
+    def _store_loop(self) -> None:
+        replies = self.ctx.socket(zmq.PUSH)
+        replies.setsockopt(zmq.SNDHWM, 0)
+        replies.connect(self._replies_endpoint)
+        next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL_S
+        next_metrics = time.monotonic() + METRICS_INTERVAL_S
+        try:
+            while True:
+                try:
+                    priority, _, work = self._work.get(timeout=max(0.0, next_housekeeping - time.monotonic()))
+                except queue.Empty:
+                    work, priority = None, None
+                if priority == _STOP_PRIORITY:
+                    return
+                if isinstance(work, list):
+                    for frames in self._commit(work):
+                        replies.send_multipart(frames, copy=False)
+                    replies.send(b"")
+                elif isinstance(work, _Request):
+                    replies.send_multipart(self._answer(work), copy=False)
+                now = time.monotonic()
+                if now >= next_housekeeping:
+                    self._housekeeping()
+                    next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
+                if now >= next_metrics:
+                    self.metrics.emit("replay_stats", **self._brief_stats())
+                    next_metrics = now + METRICS_INTERVAL_S
+        finally:
+            replies.close(linger=0)
+
+    def _commit(self, pending: list[_PendingSubtree]) -> list[list[Any]]:
         try:
             outcomes = self.store.ingest([p.item for p in pending])
         except StoreError as error:
             log.error("replay_commit_failed", error=str(error), messages=len(pending))
-            for p in pending:
-                self._reply_error(sock, p.identity, p.req, ErrorCode.INTERNAL, f"store error, resend later: {error}")
-            return
+            detail = f"store error, resend later: {error}"
+            return [self._error_frames(p.identity, p.req, ErrorCode.INTERNAL, detail) for p in pending]
+        out = []
         for p, outcome in zip(pending, outcomes, strict=True):
             if outcome.ok:
                 self.counters.inc("acks_sent")
                 ack = AckMsg(req=p.req, tree_id=outcome.tree_id, seq=outcome.seq, duplicate=outcome.duplicate)
-                self._send(sock, p.identity, encode_message(ack))
+                out.append([p.identity, *encode_message(ack)])
             else:
                 assert outcome.error is not None
-                self._reply_error(sock, p.identity, p.req, outcome.error, outcome.message)
+                out.append(self._error_frames(p.identity, p.req, outcome.error, outcome.message))
+        return out
 
-    def _answer(self, sock: zmq.Socket, identity: bytes, message: WireMessage, blobs: list[Any]) -> None:
+    def _answer(self, request: _Request) -> list[Any]:
+        message = request.message
         try:
-            frames = self._handle_request(message)
+            return [request.identity, *self._handle_request(message)]
         except SampleRequestError as error:
-            self._reply_error(sock, identity, message.req, ErrorCode.BAD_REQUEST, str(error))
-            return
+            return self._error_frames(request.identity, message.req, ErrorCode.BAD_REQUEST, str(error))
         except StoreError as error:
             log.error("replay_request_failed", kind=message.kind, error=str(error))
-            self._reply_error(sock, identity, message.req, ErrorCode.INTERNAL, f"store error, retry later: {error}")
-            return
-        self._send(sock, identity, frames)
+            detail = f"store error, retry later: {error}"
+            return self._error_frames(request.identity, message.req, ErrorCode.INTERNAL, detail)
 
     def _handle_request(self, message: WireMessage) -> list[Any]:
         if isinstance(message, LeaseRequestMsg):
@@ -251,7 +353,11 @@ class ReplayService:
             if not decision.ready:
                 self.counters.inc("sample_not_ready")
             reply = SampleReplyMsg(
-                req=message.req, request_id=message.request_id, ready=decision.ready, reason=decision.reason, trees=infos
+                req=message.req,
+                request_id=message.request_id,
+                ready=decision.ready,
+                reason=decision.reason,
+                trees=infos,
             )
             return encode_message(reply, blobs)
         if isinstance(message, VersionMsg):
@@ -263,17 +369,6 @@ class ReplayService:
         raise AssertionError(f"unhandled request {message.kind}")
 
     # ------------------------------------------------------------------------------ helpers
-
-    def _send(self, sock: zmq.Socket, identity: bytes, frames: list[Any]) -> None:
-        try:
-            sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            self.counters.inc("replies_dropped")
-
-    def _reply_error(self, sock: zmq.Socket, identity: bytes, req: int, code: ErrorCode, detail: str) -> None:
-        self.counters.inc(f"errors.{code.value}")
-        log.warning("replay_bad_message", code=code.value, detail=detail[:300], req=req)
-        self._send(sock, identity, encode_message(ErrorMsg(req=req, code=code, message=detail)))
 
     def _housekeeping(self) -> None:
         try:

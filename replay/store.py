@@ -27,7 +27,7 @@ import struct
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ COUNTER_NAMES = (
     "bytes_stored_total",
     "next_retire_seq",
     "admission_floor",
+    "forfeited_samples",
 )
 
 
@@ -105,7 +106,7 @@ class TreeRecord:
     reason: str | None = None
 
     def encode(self) -> bytes:
-        data = asdict(self)
+        data = {name: getattr(self, name) for name in _RECORD_FIELDS}
         data["state"] = self.state.value
         return json.dumps(data, separators=(",", ":")).encode()
 
@@ -122,6 +123,9 @@ class TreeRecord:
     def staleness(self, learner_version: int) -> int:
         oldest = self.min_version if self.min_version is not None else self.lease_version
         return max(0, learner_version - oldest)
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(TreeRecord))
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,10 @@ def subtree_key(index: int, seq: int) -> bytes:
 
 
 def parse_tree_id(tree_id: str) -> int | None:
-    if not tree_id.isdigit() or len(tree_id) > 19:
+    """The tree index of a wire tree id: canonical ASCII decimal only (as granted), else None."""
+    # str.isdigit() also accepts non-ASCII digits ("²" makes int() raise); a leading zero would alias
+    # another tree ("00" is tree 0).
+    if not (tree_id.isascii() and tree_id.isdigit()) or len(tree_id) > 19 or (tree_id[0] == "0" and tree_id != "0"):
         return None
     index = int(tree_id)
     return index if index <= _MAX_TREE_INDEX else None
@@ -242,7 +249,7 @@ class TreeStore:
 
     def _load(self) -> None:
         """(Re)build every in-memory index from disk."""
-        self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self.counters: dict[str, Any] = dict.fromkeys(COUNTER_NAMES, 0)
         self.live: dict[int, TreeRecord] = {}
         self.shapes: dict[int, dict[int, tuple[int, NodeShape]]] = {}
         self.ready_fifo: deque[int] = deque()
@@ -341,6 +348,12 @@ class TreeStore:
         """Trees counted against the staleness budget: valid completed (not stale-dropped) + growing."""
         kept = max(self.counters["inserts"] - self.counters["stale_dropped"], self.counters["admission_floor"])
         return kept + self.growing
+
+    @property
+    def _limiter_samples(self) -> float:
+        """Samples as the rate limiter sees them: a stale-dropped tree's unused samples count as taken,
+        because they never will be; otherwise every stale drop would shrink the insert room for good."""
+        return self.counters["samples"] + self.counters["forfeited_samples"]
 
     @property
     def learner_version(self) -> int:
@@ -515,8 +528,14 @@ class TreeStore:
         self._put_record(txn, record)
         self._add_ready(record.index)
         if record.staleness(self.learner_version) > self.config.max_staleness:
-            self._retire(txn, record, TreeState.STALE)
-            self.counters["stale_dropped"] += 1
+            self._retire_stale(txn, record)
+
+    def _retire_stale(self, txn: lmdb.Transaction, record: TreeRecord) -> None:
+        self._retire(txn, record, TreeState.STALE)
+        self.counters["stale_dropped"] += 1
+        if self.limiter is not None:
+            unused = self.limiter.samples_per_insert - record.times_sampled
+            self.counters["forfeited_samples"] += max(0.0, unused)
 
     def _drop(self, txn: lmdb.Transaction, record: TreeRecord, state: TreeState, reason: str | None) -> None:
         """Delete a tree's subtrees and keep a tombstone in `state`."""
@@ -595,7 +614,7 @@ class TreeStore:
             pending = self.counters["inserts"] + self.growing
             limits.append(
                 (
-                    self.limiter.inserts_allowed(pending, self.counters["samples"]),
+                    self.limiter.inserts_allowed(pending, self._limiter_samples),
                     "rate limiter: inserts are ahead of samples (samples_per_insert band)",
                 )
             )
@@ -641,8 +660,7 @@ class TreeStore:
         for index in candidates:
             record = self.live[index]
             if record.staleness(version) > self.config.max_staleness:
-                self._retire(txn, record, TreeState.STALE)
-                self.counters["stale_dropped"] += 1
+                self._retire_stale(txn, record)
 
     def _retire(self, txn: lmdb.Transaction, record: TreeRecord, state: TreeState) -> None:
         self._remove_ready(record.index)
@@ -696,7 +714,7 @@ class TreeStore:
         if ready < n:
             return f"{ready} completed trees ready, {n} requested ({self.growing} growing)"
         if self.limiter is not None:
-            return self.limiter.sample_block_reason(n, self.counters["inserts"], self.counters["samples"])
+            return self.limiter.sample_block_reason(n, self.counters["inserts"], self._limiter_samples)
         return None
 
     def _choose(self, n: int) -> list[int]:
@@ -732,7 +750,7 @@ class TreeStore:
         while self.retired and (
             len(self.live) > self.config.capacity_trees or self.live_bytes > self.config.capacity_bytes
         ):
-            index, _ = self.retired.popitem(last=False)
+            index = next(iter(self.retired))  # _drop removes it from `retired` and its bytes from retired_bytes
             record = self.live[index]
             self._drop(txn, record, TreeState.EVICTED, None)
             self.counters["evicted"] += 1
