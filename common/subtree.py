@@ -16,6 +16,7 @@ Rules of the format (decided here, relied on by replay and learner):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -289,7 +290,7 @@ def _check_column_types(batch: pa.RecordBatch) -> None:
 
 def _lengths(column: pa.ListArray) -> list[int]:
     offsets = column.offsets.to_pylist()
-    return [b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    return [b - a for a, b in itertools.pairwise(offsets)]
 
 
 def _values(column: pa.ListArray) -> np.ndarray:

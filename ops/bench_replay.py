@@ -132,8 +132,10 @@ def _sampler_main(config: RunConfig, settings: BenchSettings, conn: Connection) 
 
 
 def _server_main(config: RunConfig) -> None:
+    from common.log import configure_logging
     from replay.service import ReplayService
 
+    configure_logging(config.logging.level, config.logging.json_logs, role="replay")
     ReplayService(config).serve_forever()
 
 

@@ -30,11 +30,11 @@ def reference_markdown() -> str:
         section = section_field.annotation
         assert isinstance(section, type) and issubclass(section, BaseModel)
         for key, field in section.model_fields.items():
-            annotation = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "").replace(" | ", " or ")
+            annotation = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            annotation = annotation.replace(" | ", " or ")
             default = field.get_default(call_default_factory=True)
-            rows.append(
-                f"| `{section_name}.{key}` | `{annotation}` | `{default!r}` | {(field.description or '').replace('|', '/')} |"
-            )
+            meaning = (field.description or "").replace("|", "/")
+            rows.append(f"| `{section_name}.{key}` | `{annotation}` | `{default!r}` | {meaning} |")
     return "\n".join(rows)
 
 

@@ -45,10 +45,7 @@ def serve(
     except DeadlockConfigError as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(2) from None
-    try:
-        service.bind()
     except SecurityError as error:
-        service.close()
         typer.echo(f"refusing to start: {error}", err=True)
         raise typer.Exit(2) from None
     service.serve_forever()
@@ -83,6 +80,8 @@ def export(
     include_growing: Annotated[bool, typer.Option(help="also export trees that are not complete")] = False,
 ) -> None:
     """Write the stored trees as a table, one row per node (readable by pyarrow, pandas, DuckDB)."""
+    import lmdb
+
     from replay.export import export_parquet
 
     if file_format != "parquet":
@@ -91,5 +90,9 @@ def export(
     if not (store_dir / "data.mdb").is_file():
         typer.echo(f"{store_dir} holds no replay store (no data.mdb)", err=True)
         raise typer.Exit(2)
-    summary = export_parquet(store_dir, out, include_growing=include_growing)
+    try:
+        summary = export_parquet(store_dir, out, include_growing=include_growing)
+    except lmdb.Error as error:
+        typer.echo(f"{store_dir} is not a readable at2po replay store: {error}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps(summary))

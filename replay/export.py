@@ -13,10 +13,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.subtree import subtree_batch
+from common.subtree import SCHEMA_V1, subtree_batch
 from replay.store import TreeRecord, TreeState, open_environment, subtree_key
 
 _EXPORTED_STATES = {TreeState.READY, TreeState.CONSUMED, TreeState.STALE}
+
+# The tree's identity and state, then the v1 node columns: the schema of every export, empty or not.
+IDENTITY_FIELDS = [
+    pa.field("tree_id", pa.string(), nullable=False),
+    pa.field("task_id", pa.string(), nullable=False),
+    pa.field("actor_id", pa.string(), nullable=False),
+    pa.field("seq", pa.int32(), nullable=False),
+    pa.field("tree_state", pa.string(), nullable=False),
+    pa.field("times_sampled", pa.int32(), nullable=False),
+]
+EXPORT_SCHEMA = pa.schema([*IDENTITY_FIELDS, *SCHEMA_V1])
 
 
 def _tree_table(record: TreeRecord, messages: list[bytes]) -> pa.Table:
@@ -24,16 +35,16 @@ def _tree_table(record: TreeRecord, messages: list[bytes]) -> pa.Table:
     for data in messages:
         header, batch = subtree_batch(data)
         n = batch.num_rows
-        identity = {
-            "tree_id": pa.array([record.tree_id] * n, pa.string()),
-            "task_id": pa.array([header.task_id] * n, pa.string()),
-            "actor_id": pa.array([header.actor_id] * n, pa.string()),
-            "seq": pa.array([header.seq] * n, pa.int32()),
-            "tree_state": pa.array([record.state.value] * n, pa.string()),
-            "times_sampled": pa.array([record.times_sampled] * n, pa.int32()),
-        }
-        columns = {**identity, **{name: batch.column(name) for name in batch.schema.names}}
-        batches.append(pa.table(columns))
+        identity = [
+            pa.array([record.tree_id] * n, pa.string()),
+            pa.array([header.task_id] * n, pa.string()),
+            pa.array([header.actor_id] * n, pa.string()),
+            pa.array([header.seq] * n, pa.int32()),
+            pa.array([record.state.value] * n, pa.string()),
+            pa.array([record.times_sampled] * n, pa.int32()),
+        ]
+        columns = identity + [batch.column(field.name) for field in SCHEMA_V1]
+        batches.append(pa.Table.from_arrays(columns, schema=EXPORT_SCHEMA))
     table = pa.concat_tables(batches)
     node_ids = table.column("node_id").to_numpy()
     if len(np.unique(node_ids)) != len(node_ids):
@@ -72,9 +83,6 @@ def export_parquet(store_dir: Path, out: Path, include_growing: bool = False) ->
     finally:
         env.close()
     out.parent.mkdir(parents=True, exist_ok=True)
-    if tables:
-        table = pa.concat_tables(tables)
-    else:
-        table = pa.table({"tree_id": pa.array([], pa.string())})
+    table = pa.concat_tables(tables) if tables else EXPORT_SCHEMA.empty_table()
     pq.write_table(table, out)
     return {"trees": trees, "rows": table.num_rows, "out": str(out)}

@@ -52,6 +52,7 @@ from common.wire import (
     encode_message,
     split_routed,
 )
+from replay.limits import check_replay_config
 from replay.store import IngestItem, SampleRequestError, StoreError, TreeStore
 
 log = get_logger("replay.service")
@@ -82,14 +83,26 @@ class ReplayService:
     """Serve one store on one endpoint until `stop()` (or SIGTERM/SIGINT in `serve_forever`)."""
 
     def __init__(self, config: RunConfig, store_dir: str | Path | None = None, endpoint: str | None = None) -> None:
+        """Check the configuration and bind before the store is opened, so a refusal leaves no files behind.
+
+        Raises DeadlockConfigError or SecurityError (nothing is left open then).
+        """
         self.config = config
         self.endpoint = endpoint or config.transport.replay_endpoint
         self.max_message_bytes = config.transport.max_message_bytes
-        self.store = TreeStore(store_dir or config.replay.dir, config.replay)
-        self.counters = Counters()
-        self.metrics = MetricsWriter(config.logging.metrics_path, role="replay")
+        check_replay_config(config.replay, int(config.replay.map_size_gb * 1024**3))
         self.ctx = zmq.Context()
         self._server: ServerSocket | None = None
+        try:
+            self.bind()
+            self.store = TreeStore(store_dir or config.replay.dir, config.replay)
+        except BaseException:
+            if self._server is not None:
+                self._server.close()
+            self.ctx.destroy(linger=0)
+            raise
+        self.counters = Counters()
+        self.metrics = MetricsWriter(config.logging.metrics_path, role="replay")
         self._stop = threading.Event()
         self._work: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
         self._order = itertools.count()
@@ -101,6 +114,8 @@ class ReplayService:
 
     def bind(self) -> str:
         """Bind the ROUTER (refuses a non-loopback endpoint without CurveZMQ keys); returns the endpoint."""
+        if self._server is not None:
+            return self.endpoint
         self._server = bind_server_socket(self.ctx, zmq.ROUTER, self.endpoint, self.config.transport)
         self._server.socket.setsockopt(zmq.SNDHWM, 100_000)
         self._server.socket.setsockopt(zmq.RCVHWM, 100_000)
