@@ -19,7 +19,7 @@ def _group() -> None:
 @bench_app.command("replay")
 def replay(
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON object")] = False,
-    total_mb: Annotated[float, typer.Option(help="bytes streamed by all clients together, in MB")] = 256.0,
+    total_mb: Annotated[float, typer.Option(help="bytes streamed by all clients together, in MB")] = 1024.0,
     clients: Annotated[int, typer.Option(help="concurrent actor client processes")] = 2,
     message_kb: Annotated[float, typer.Option(help="size of one subtree message")] = 256.0,
     messages_per_tree: Annotated[int, typer.Option(help="subtree messages per tree")] = 1,

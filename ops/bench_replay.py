@@ -8,6 +8,8 @@ measured in the same run, because absolute times on a shared machine mean little
   when acked (acks come only after the commit that holds the message);
 - `sample_p50_ms` / `sample_p99_ms`: a learner process sampling a batch of completed trees every
   `sample_interval_s` (a fast learner) while the ingest runs; request to last byte received.
+  `sample_idle_p50_ms` is the same request with no ingest running (its baseline: the cost of
+  moving `sample_reply_mb` through the store and the socket).
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ from common.subtree import SubtreeHeader, encode_subtree
 from replay.synthetic import random_tree
 
 
+IDLE_SAMPLES = 20
+
+
 @dataclass(frozen=True)
 class BenchSettings:
-    total_mb: float = 256.0
+    total_mb: float = 1024.0
     clients: int = 2
     message_kb: float = 256.0
     messages_per_tree: int = 1
@@ -119,7 +124,13 @@ def _sampler_main(config: RunConfig, settings: BenchSettings, conn: Connection) 
 
     latencies: list[float] = []
     reply_bytes: list[int] = []
+    idle: list[float] = []
     with LearnerReplayClient(config.transport.replay_endpoint, config.transport) as client:
+        for _ in range(IDLE_SAMPLES):
+            start = time.perf_counter()
+            reply, _ = client.try_sample(settings.sample_trees, learner_version=0)
+            if reply.ready:
+                idle.append((time.perf_counter() - start) * 1000)
         conn.send("ready")
         conn.recv()
         while not conn.poll(settings.sample_interval_s):
@@ -128,7 +139,7 @@ def _sampler_main(config: RunConfig, settings: BenchSettings, conn: Connection) 
             if reply.ready:
                 latencies.append((time.perf_counter() - start) * 1000)
                 reply_bytes.append(sum(len(m) for t in trees for m in t.messages))
-        conn.send((latencies, reply_bytes))
+        conn.send((latencies, reply_bytes, idle))
 
 
 def _server_main(config: RunConfig) -> None:
@@ -208,7 +219,7 @@ def run_replay_bench(settings: BenchSettings, work_dir: Path | None = None) -> d
         results = [_expect(pipe, "done", 600) for pipe in client_pipes]
         wall = time.perf_counter() - start
         sampler_pipe.send("stop")
-        latencies, reply_bytes = sampler_pipe.recv()
+        latencies, reply_bytes, idle = sampler_pipe.recv()
         acked = sum(r[2] for r in results)
         ingest = ingest_bytes / wall / 1e6
         lat = np.array(latencies) if latencies else np.array([float("nan")])
@@ -219,6 +230,7 @@ def run_replay_bench(settings: BenchSettings, work_dir: Path | None = None) -> d
             "sample_p50_ms": round(float(np.percentile(lat, 50)), 2),
             "sample_p99_ms": round(float(np.percentile(lat, 99)), 2),
             "samples": len(latencies),
+            "sample_idle_p50_ms": round(float(np.percentile(idle, 50)), 2) if idle else None,
             "sample_batch_trees": settings.sample_trees,
             "sample_reply_mb": round(float(np.mean(reply_bytes)) / 1e6, 2) if reply_bytes else None,
             "clients": settings.clients,
