@@ -31,7 +31,6 @@ from common.config import RunConfig, build_config
 from common.subtree import SubtreeHeader, encode_subtree
 from replay.synthetic import random_tree
 
-
 IDLE_SAMPLES = 20
 
 
