@@ -256,4 +256,3 @@ def _expect(pipe: Connection, tag: str, timeout_s: float) -> tuple[Any, ...]:
     if message[0] != tag:
         raise RuntimeError(f"benchmark process sent {message!r}, expected {tag!r}")
     return message
-
