@@ -80,6 +80,8 @@ class TurnNode:
             topk = topk.reshape(0, 0)
         self.topk_logprobs = topk
         self.finish_reason = FinishReason(self.finish_reason)
+        # Stored as float32 on the wire; keep the same precision here so a round trip is exact.
+        self.entropy = float(np.float32(self.entropy))
         self.validate()
 
     def validate(self) -> None:
