@@ -393,25 +393,24 @@ class TreeStore:
         outcomes: list[IngestOutcome] = []
 
         def body(txn: lmdb.Transaction) -> None:
-            staged: set[bytes] = set()
             for item in items:
-                outcomes.append(self._ingest_one(txn, item, staged))
+                outcomes.append(self._ingest_one(txn, item))
             self._evict(txn)
 
         self._transact(body)
         return outcomes
 
-    def _ingest_one(self, txn: lmdb.Transaction, item: IngestItem, staged: set[bytes]) -> IngestOutcome:
+    def _ingest_one(self, txn: lmdb.Transaction, item: IngestItem) -> IngestOutcome:
         header = item.summary.header
         try:
-            duplicate = self._store_subtree(txn, item, staged)
+            duplicate = self._store_subtree(txn, item)
         except _Rejection as rejection:
             if rejection.code is ErrorCode.BAD_SUBTREE:
                 self.counters["bad_subtrees"] += 1
             return IngestOutcome(header.tree_id, header.seq, error=rejection.code, message=rejection.message)
         return IngestOutcome(header.tree_id, header.seq, duplicate=duplicate)
 
-    def _store_subtree(self, txn: lmdb.Transaction, item: IngestItem, staged: set[bytes]) -> bool:
+    def _store_subtree(self, txn: lmdb.Transaction, item: IngestItem) -> bool:
         """Returns True for a duplicate (already stored: ack again, store nothing)."""
         summary = item.summary
         header = summary.header
@@ -422,7 +421,8 @@ class TreeStore:
         record = self._get_record(txn, index)
         if record is None:
             raise _Rejection(ErrorCode.UNKNOWN_TREE, f"tree {header.tree_id} is no longer known to this store")
-        if key in staged or (record.state in _LIVE_STATES and txn.get(key, db=self.db_subtrees) is not None):
+        # LMDB reads its own uncommitted writes, so a duplicate within this batch is seen here too.
+        if record.state in _LIVE_STATES and txn.get(key, db=self.db_subtrees) is not None:
             self.counters["duplicates"] += 1
             return True
         if record.state is TreeState.EXPIRED:
@@ -455,7 +455,6 @@ class TreeStore:
                 )
         # Accepted: stage it.
         txn.put(key, item.data, db=self.db_subtrees)
-        staged.add(key)
         self._merge_shapes(shapes, summary)
         now = self.clock()
         record.task_id = header.task_id
