@@ -214,6 +214,63 @@ class ActorConfig(_Section):
     vllm_kv_cache_gb: float = Field(1.0, gt=0, description="vllm on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
 
 
+class LearnerConfig(_Section):
+    """The learner: credit, loss, DeepSpeed engine, batches, checkpoints and weight publishing."""
+
+    processes: int = Field(1, ge=1, description="data-parallel learner processes on this machine (gloo on CPU)")
+    master_port: int | None = Field(None, ge=1, le=65535, description="torch.distributed port; unset = a free one")
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per process; unset = torch's default")
+    credit: str = Field("at2po", description="credit method: grpo, tree-grpo, at2po or a registered name")
+    credit_std: Literal["population", "unbiased"] | None = Field(
+        None, description="std of reward normalisation; unset = the method's default"
+    )
+    at2po_weights: Literal["softmax", "linear", "child_mean", "leaf_mean"] = Field(
+        "softmax", description="at2po: child weights (softmax of entropy = code, linear = paper)"
+    )
+    at2po_advantage: Literal["node_value", "diff_parent", "diff_root"] = Field(
+        "node_value", description="at2po: advantage = node value, minus parent value, or minus root value"
+    )
+    tree_grpo_mode: Literal["intra+inter", "intra", "inter"] = Field(
+        "intra+inter", description="tree-grpo: which normalised advantages are summed"
+    )
+    loss: str = Field("atpo", description="policy loss: atpo, ppo, gspo or a registered name")
+    eps_low: float | None = Field(None, ge=0, lt=1, description="clip 1 - eps_low; unset = the loss's default")
+    eps_high: float | None = Field(None, ge=0, description="clip 1 + eps_high; unset = the loss's default")
+    dual_clip: float | None = Field(None, ge=0, description="dual-clip c; 0 = off; unset = the loss's default")
+    is_cap: float = Field(5.0, ge=0, description="importance weight pi_prox/pi_behav cap; 0 = no cap")
+    is_mode: Literal["mask", "truncate"] = Field("mask", description="units over the cap: masked or truncated")
+    kl_coef: float = Field(0.0, ge=0, description="K3 KL to the initial policy (a frozen reference copy if > 0)")
+    aggregation: Literal["seq-mean-token-mean", "token-mean"] = Field(
+        "seq-mean-token-mean", description="how token losses are averaged"
+    )
+    prox_logp: Literal["recompute", "loglinear"] = Field(
+        "recompute", description="proximal log-probs: a forward pass before the update, or version interpolation"
+    )
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
+    grad_clip: float = Field(1.0, ge=0, description="gradient-norm clip; 0 = off")
+    zero_stage: int = Field(0, ge=0, le=2, description="DeepSpeed ZeRO stage (0-2; weights are published from rank 0)")
+    bf16: bool = Field(False, description="train in bf16 (fp32 master weights in the optimizer)")
+    micro_batch_tokens: int = Field(4096, ge=1, description="most packed tokens per forward (a tree is never split)")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per sampled batch (PPO mini-batches)")
+    ppo_epochs: int = Field(1, ge=1, description="passes over each sampled batch")
+    packing: bool = Field(True, description="lay each tree out once (tree attention); false = one row per path")
+    trees_per_step: int | None = Field(None, ge=1, description="trees per update; unset = replay.trees_per_step")
+    group_size: int | None = Field(
+        None, ge=1, description="trees per task in a group; unset = tree.tree_grpo_trees for tree-grpo, else 1"
+    )
+    group_wait_steps: int = Field(2, ge=0, description="updates an incomplete task group waits before it trains")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many updates; unset = until SIGTERM")
+    sample_timeout_s: float = Field(600.0, gt=0, description="longest wait for replay's trees before giving up")
+    publish_every: int = Field(1, ge=1, description="publish weights every k versions")
+    checkpoint_dir: str = Field("runs/learner", description="where checkpoints are written")
+    checkpoint_every: int = Field(50, ge=1, description="checkpoint every k updates (and at a clean stop)")
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted")
+    seed: int = Field(0, description="torch seed of the learner")
+
+
 class RunConfig(_Section):
     """Everything one run needs; the same file serves `at2po run` and each role started by hand."""
 
@@ -227,6 +284,7 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     tree: TreeConfig = Field(default_factory=TreeConfig)
     actor: ActorConfig = Field(default_factory=ActorConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

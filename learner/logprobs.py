@@ -44,6 +44,23 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 def token_logprobs(model: nn.Module, batch: PackedBatch, temperature: float = 1.0) -> Tensor:
     """One forward over the packed tokens; returns the log-prob of every token given its own path."""
+    return _forward(model, batch, temperature, with_entropy=False)[0]
+
+
+def token_logprobs_and_entropy(model: nn.Module, batch: PackedBatch, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """As `token_logprobs`, plus the (detached) entropy of the tempered next-token distribution per token.
+
+    entropy[i] = H(softmax(logits[prev_index[i]] / temperature)), 0 where prev_index = -1: the policy
+    entropy the learner logs (AT²PO's claim is that it does not collapse early).
+    """
+    logp, entropy = _forward(model, batch, temperature, with_entropy=True)
+    assert entropy is not None
+    return logp, entropy
+
+
+def _forward(
+    model: nn.Module, batch: PackedBatch, temperature: float, with_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
     if temperature <= 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     config = getattr(model, "config", None)
@@ -56,7 +73,8 @@ def token_logprobs(model: nn.Module, batch: PackedBatch, temperature: float = 1.
     device = next(model.parameters()).device
     total = batch.num_tokens
     if total == 0:
-        return torch.zeros(0, dtype=torch.float32, device=device)
+        empty = torch.zeros(0, dtype=torch.float32, device=device)
+        return empty, (empty if with_entropy else None)
     mask = attention_bias(batch, _model_dtype(model), device)
     out = model(
         input_ids=batch.input_ids.to(device)[None],
@@ -69,6 +87,13 @@ def token_logprobs(model: nn.Module, batch: PackedBatch, temperature: float = 1.
     has_prev = prev >= 0
     rows = logits[prev[has_prev]].float() / temperature
     targets = batch.input_ids.to(device)[has_prev]
-    picked = torch.log_softmax(rows, dim=-1).gather(1, targets[:, None]).squeeze(1)
-    result = torch.zeros(total, dtype=picked.dtype, device=device)
-    return result.index_put((has_prev.nonzero().squeeze(1),), picked)
+    log_probs = torch.log_softmax(rows, dim=-1)
+    picked = log_probs.gather(1, targets[:, None]).squeeze(1)
+    where = (has_prev.nonzero().squeeze(1),)
+    result = torch.zeros(total, dtype=picked.dtype, device=device).index_put(where, picked)
+    if not with_entropy:
+        return result, None
+    with torch.no_grad():
+        row_entropy = -(log_probs.exp() * log_probs).sum(-1)
+        entropy = torch.zeros(total, dtype=torch.float32, device=device).index_put(where, row_entropy.float())
+    return result, entropy

@@ -17,6 +17,7 @@ Both give a `PackedBatch` of 1-D tensors over T tokens:
 - `position_ids`: a token's index along its root→token path (what the model would see on that path);
 - `attention` [T, T] bool: i attends j iff j is on the root→i path at or before i;
 - `prev_index`: the token predicting i (its predecessor on the path), -1 for the first prompt token;
+- `behav_version`: the policy version that generated each token (-1 off the generated tokens);
 - `turn_index`: a dense id per (tree, node), the same in both layouts, unique across the batch;
 - `seq_index`: global path id (0..G-1, trees in order) when the token lies on exactly one path, else -1;
 - `adv_pos`/`adv_neg` (float64): Σ over the paths p through the token of w_p·max(A_{p,t}, 0) and
@@ -56,6 +57,7 @@ class PackedBatch:
     prev_index: Tensor  # long [T]
     loss_mask: Tensor  # bool [T]
     behav_logp: Tensor  # float32 [T], 0 where not generated
+    behav_version: Tensor  # long [T], policy version that generated the token, -1 where not generated
     turn_index: Tensor  # long [T]
     seq_index: Tensor  # long [T]
     adv_pos: Tensor  # float64 [T]
@@ -77,6 +79,7 @@ class PackedBatch:
                 "prev_index",
                 "loss_mask",
                 "behav_logp",
+                "behav_version",
                 "turn_index",
                 "seq_index",
                 "adv_pos",
@@ -119,7 +122,7 @@ def _dfs(tree: TurnTree) -> list[TurnNode]:
     return order
 
 
-def _turn_ids(trees: Sequence[TurnTree]) -> list[dict[int, int]]:
+def turn_ids(trees: Sequence[TurnTree]) -> list[dict[int, int]]:
     """Dense turn id per (tree, node) in packed DFS order, so both layouts agree on it."""
     out: list[dict[int, int]] = []
     counter = 0
@@ -146,7 +149,7 @@ def _path_ids(trees: Sequence[TurnTree]) -> list[dict[int, int]]:
 
 
 def _packed_instances(trees: Sequence[TurnTree]) -> list[_Instance]:
-    turns, path_ids = _turn_ids(trees), _path_ids(trees)
+    turns, path_ids = turn_ids(trees), _path_ids(trees)
     instances: list[_Instance] = []
     for k, tree in enumerate(trees):
         through: dict[int, list[int]] = {i: [] for i in tree.nodes}
@@ -164,7 +167,7 @@ def _packed_instances(trees: Sequence[TurnTree]) -> list[_Instance]:
 
 
 def _per_path_instances(trees: Sequence[TurnTree]) -> list[_Instance]:
-    turns, path_ids = _turn_ids(trees), _path_ids(trees)
+    turns, path_ids = turn_ids(trees), _path_ids(trees)
     instances: list[_Instance] = []
     for k, tree in enumerate(trees):
         for path in tree.paths():
@@ -234,6 +237,7 @@ def _build(
     prev = np.full(total, -1, dtype=np.int64)
     loss_mask = np.zeros(total, dtype=bool)
     behav = np.zeros(total, dtype=np.float32)
+    behav_version = np.full(total, -1, dtype=np.int64)
     turn = np.zeros(total, dtype=np.int64)
     seq = np.full(total, -1, dtype=np.int64)
     adv_pos = np.zeros(total, dtype=np.float64)
@@ -256,6 +260,7 @@ def _build(
             attention[cursor : cursor + size, cursor : cursor + size] = np.tril(np.ones((size, size), dtype=bool))
         gen = slice(cursor + n_obs, cursor + size)
         behav[gen] = node.logprobs
+        behav_version[gen] = node.versions
         turn[own] = inst.turn
         if len(inst.paths) == 1:
             seq[own] = inst.paths[0]
@@ -277,6 +282,7 @@ def _build(
         prev_index=torch.from_numpy(prev),
         loss_mask=torch.from_numpy(loss_mask),
         behav_logp=torch.from_numpy(behav),
+        behav_version=torch.from_numpy(behav_version),
         turn_index=torch.from_numpy(turn),
         seq_index=torch.from_numpy(seq),
         adv_pos=torch.from_numpy(adv_pos),

@@ -50,6 +50,10 @@ class WeightBroadcaster:
         """Publish `version` if it is due (every `publish_every` versions, and always version 0)."""
         if version % self.publish_every:
             return None
+        return self.publish(model, version)
+
+    def publish(self, model: torch.nn.Module, version: int) -> WeightsAnnounceMsg:
+        """Publish `version` now, due or not (the learner's first version after a start or resume)."""
         return self.publisher.publish(version, serialise_state(unique_state_dict(model)))
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from ops.actor_cmd import actor_app
 from ops.bench_cmd import bench_app
 from ops.config_cmd import config_app
 from ops.keys_cmd import keys_app
+from ops.learner_cmd import learner_app
 from ops.model_cmd import model_app
 from ops.replay_cmd import replay_app
 from ops.retriever_cmd import retriever_app
@@ -27,6 +28,7 @@ app.add_typer(retriever_app, name="retriever")
 app.add_typer(world_app, name="world")
 app.add_typer(model_app, name="model")
 app.add_typer(actor_app, name="actor")
+app.add_typer(learner_app, name="learner")
 
 
 def main() -> None:
