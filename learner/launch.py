@@ -9,9 +9,14 @@ tells the others to stop. The parent exits non-zero if any rank did.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
+import tempfile
 import threading
+from dataclasses import asdict
+from pathlib import Path
 from types import FrameType
 
 from common.config import RunConfig
@@ -41,27 +46,31 @@ def run_rank(
     return learner.run()
 
 
-def _spawned_rank(rank: int, config_json: str, world_size: int, port: int, resume: bool) -> None:
+def _spawned_rank(rank: int, config_json: str, world_size: int, port: int, resume: bool, summary_path: str) -> None:
     from common.log import configure_logging
 
     config = RunConfig.model_validate_json(config_json)
     configure_logging(config.logging.level, config.logging.json_logs, role=f"learner-{rank}")
     stop = threading.Event()
     install_stop_handlers(stop)
-    run_rank(config, DistributedSpec(rank=rank, world_size=world_size, master_port=port), resume, stop)
+    summary = run_rank(config, DistributedSpec(rank=rank, world_size=world_size, master_port=port), resume, stop)
+    if rank == 0:
+        Path(summary_path).write_text(json.dumps(asdict(summary)), encoding="utf-8")
 
 
-def run_learner(config: RunConfig, resume: bool = False, stop: threading.Event | None = None) -> LearnerSummary | None:
-    """Run every rank to the end; returns rank 0's summary when it ran in this process."""
+def run_learner(config: RunConfig, resume: bool = False, stop: threading.Event | None = None) -> LearnerSummary:
+    """Run every rank to the end; returns rank 0's summary."""
     world = config.learner.processes
     port = config.learner.master_port or free_port()
     if world == 1:
         return run_rank(config, DistributedSpec(master_port=port), resume, stop)
     import torch.multiprocessing as mp
 
+    handle, summary_name = tempfile.mkstemp(prefix="at2po-learner-", suffix=".json")
+    os.close(handle)
     context = mp.start_processes(
         _spawned_rank,
-        args=(config.model_dump_json(), world, port, resume),
+        args=(config.model_dump_json(), world, port, resume, summary_name),
         nprocs=world,
         join=False,
         start_method="spawn",
@@ -79,4 +88,7 @@ def run_learner(config: RunConfig, resume: bool = False, stop: threading.Event |
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return None
+    try:
+        return LearnerSummary(**json.loads(Path(summary_name).read_text(encoding="utf-8")))
+    finally:
+        os.unlink(summary_name)

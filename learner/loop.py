@@ -79,6 +79,7 @@ class Learner:
             torch.set_num_threads(self.cfg.torch_threads)
         torch.manual_seed(self.cfg.seed)
         self.checkpoint_root = Path(self.cfg.checkpoint_dir)
+        settings = UpdateSettings.from_config(self.cfg, config.tree.temperature)  # bad names fail before any work
         model = load_train_model(config.model.dir, self.cfg.bf16)
         ref_model = None
         if self.cfg.kl_coef > 0:
@@ -87,9 +88,7 @@ class Learner:
             if self.cfg.bf16:
                 ref_model = ref_model.to(torch.bfloat16)
         self.engine = TrainEngine(model, self.cfg, self.dist)
-        self.updater = PolicyUpdater(
-            self.engine, UpdateSettings.from_config(self.cfg, config.tree.temperature), ref_model
-        )
+        self.updater = PolicyUpdater(self.engine, settings, ref_model)
         self.assembler = GroupAssembler(resolve_group_size(config), self.cfg.group_wait_steps)
         self.trees_per_step = self.cfg.trees_per_step or config.replay.trees_per_step
         self.state = checkpoint.LearnerState(version=0, step=0)

@@ -44,5 +44,4 @@ def run(
     except connection_errors() as error:
         typer.echo(f"learner stopped: {error}", err=True)
         raise typer.Exit(3) from None
-    if summary is not None:
-        typer.echo(json.dumps(describe(summary)))
+    typer.echo(json.dumps(describe(summary)))

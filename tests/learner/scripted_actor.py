@@ -74,8 +74,17 @@ def main() -> None:
             rewards.append(reward)
             nodes.append(
                 TurnNode(
-                    leaf, 0, 1, [], tokens, logps, [version] * len(tokens), FinishReason.ANSWER,
-                    entropy=-sum(logps) / len(logps), reward=reward, is_leaf=True,
+                    leaf,
+                    0,
+                    1,
+                    [],
+                    tokens,
+                    logps,
+                    [version] * len(tokens),
+                    FinishReason.ANSWER,
+                    entropy=-sum(logps) / len(logps),
+                    reward=reward,
+                    is_leaf=True,
                 )
             )
         header = SubtreeHeader(tree_id, f"task-{uuid.uuid4().hex[:8]}", "scripted", 0, True)
