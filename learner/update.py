@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from common.config import LearnerConfig
 from common.tree import TurnTree
-from learner.credit import TreeCredit, compute_credit, credit_stats
+from learner.credit import CREDIT_METHODS, TreeCredit, compute_credit, credit_stats
 from learner.diagnostics import turn_kl_entropy, turn_kl_masses
 from learner.engine import TrainEngine
 from learner.logprobs import token_logprobs, token_logprobs_and_entropy
@@ -56,6 +56,8 @@ class UpdateSettings:
 
     @classmethod
     def from_config(cls, cfg: LearnerConfig, temperature: float = 1.0) -> UpdateSettings:
+        if cfg.credit not in CREDIT_METHODS:
+            raise ValueError(f"unknown credit method {cfg.credit!r}; known: {', '.join(sorted(CREDIT_METHODS))}")
         options: dict[str, Any] = {}
         if cfg.credit_std is not None:
             options["std"] = cfg.credit_std

@@ -140,3 +140,55 @@ def test_learner_trains_from_replay_then_resumes_on_two_ranks(replay: Path, tmp_
     assert checkpoint.latest(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "v00000014"
     versions = [json.loads(line)["version"] for line in (tmp_path / "rewards2.jsonl").read_text().splitlines()]
     assert min(versions) >= 12  # after the resume the actor only ever saw the continued version counter
+
+
+def test_learner_without_trees_says_what_it_waits_for_and_stops_cleanly(replay: Path, tmp_path: Path) -> None:
+    stalled = subprocess.run(
+        [*at2po(), "learner", "run", "--config", str(replay), "--set", "learner.sample_timeout_s=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stalled.returncode == 3
+    assert "4 completed tree(s) at version 0" in stalled.stderr
+    assert "last reason" in stalled.stderr
+
+    learner = subprocess.Popen(
+        [*at2po(), "learner", "run", "--config", str(replay), "--set", "logging.level=info"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert learner.stderr is not None
+        for line in learner.stderr:  # wait until it is really waiting on replay
+            if "waiting for trees" in line:
+                break
+        learner.send_signal(signal.SIGTERM)
+        out, _ = learner.communicate(timeout=60)
+    finally:
+        if learner.poll() is None:
+            learner.kill()
+    assert learner.returncode == 0
+    assert json.loads(out.strip().splitlines()[-1])["stopped_by"] == "signal"
+    assert checkpoint.latest(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "v00000000"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("learner.loss=nope", "unknown policy loss 'nope'"),
+        ("learner.credit=nope", "unknown credit method 'nope'"),
+        ("learner.zero_stage=3", "learner.zero_stage"),
+        ("learner.lr=-1", "learner.lr"),
+    ],
+)
+def test_bad_learner_config_is_refused(replay: Path, override: str, message: str) -> None:
+    result = subprocess.run(
+        [*at2po(), "learner", "run", "--config", str(replay), "--set", override],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
