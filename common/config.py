@@ -257,6 +257,9 @@ class LearnerConfig(_Section):
     minibatches: int = Field(1, ge=1, description="optimizer steps per sampled batch (PPO mini-batches)")
     ppo_epochs: int = Field(1, ge=1, description="passes over each sampled batch")
     packing: bool = Field(True, description="lay each tree out once (tree attention); false = one row per path")
+    skip_zero_advantage: bool = Field(
+        True, description="do not forward trees whose advantages are all 0 (same step; needs kl_coef = 0)"
+    )
     trees_per_step: int | None = Field(None, ge=1, description="trees per update; unset = replay.trees_per_step")
     group_size: int | None = Field(
         None, ge=1, description="trees per task in a group; unset = tree.tree_grpo_trees for tree-grpo, else 1"

@@ -9,6 +9,9 @@ Decided here:
   is the loss of the mini-batch, whatever the split. Each rank's loss is multiplied by the world size
   because DeepSpeed averages gradients over ranks.
 - A rank with no tree in a mini-batch still takes part in the collective step with a zero loss.
+- Trees whose advantages are all 0 (every leaf of the group scored the same) are not forwarded when
+  there is no KL term (`skip_zero_advantage`): they add nothing to the loss or its gradient, but still
+  count in the denominators, so the step is unchanged. Their tokens are missing from the metrics.
 - Proximal log-probs (`recompute`) come from a no-grad forward of every micro-batch with the weights
   before the update, done once per sampled batch before its first optimizer step (AReaL). `loglinear`
   skips that pass: log π_prox ≈ log π_behav + α·(log π_θ − log π_behav) with
@@ -35,7 +38,7 @@ from learner.diagnostics import turn_kl_entropy, turn_kl_masses
 from learner.engine import TrainEngine
 from learner.logprobs import token_logprobs, token_logprobs_and_entropy
 from learner.losses import PolicyLoss, PolicyLossInput, get_policy_loss
-from learner.packing import PackedBatch, pack_trees, per_path_batch, unique_tokens
+from learner.packing import PackedBatch, pack_trees, path_tokens, per_path_batch, unique_tokens
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class UpdateSettings:
     packing: bool = True
     prox_logp: str = "recompute"
     temperature: float = 1.0
+    skip_zero_advantage: bool = True
 
     @classmethod
     def from_config(cls, cfg: LearnerConfig, temperature: float = 1.0) -> UpdateSettings:
@@ -88,6 +92,7 @@ class UpdateSettings:
             ppo_epochs=cfg.ppo_epochs,
             packing=cfg.packing,
             prox_logp=cfg.prox_logp,
+            skip_zero_advantage=cfg.skip_zero_advantage,
             temperature=temperature if temperature > 0 else 1.0,
         )
 
@@ -172,6 +177,7 @@ class PolicyUpdater:
         self.engine = engine
         self.settings = settings
         self.ref_model = ref_model
+        self.trees_skipped = 0
         if getattr(settings.loss_config, "kl_coef", 0.0) > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model")
 
@@ -187,6 +193,12 @@ class PolicyUpdater:
         build = pack_trees if self.settings.packing else per_path_batch
         return build(trees, credits, self.settings.aggregation, denominator)  # type: ignore[arg-type]
 
+    def _skippable(self, credit: TreeCredit) -> bool:
+        """A tree whose every advantage is 0 adds nothing to the loss or its gradient (without a KL term)."""
+        if not self.settings.skip_zero_advantage or getattr(self.settings.loss_config, "kl_coef", 0.0) > 0:
+            return False
+        return all(value == 0.0 for value in credit.values())
+
     def _plan(self, groups: Sequence[Sequence[TurnTree]], credits: list[TreeCredit]) -> list[list[_Micro]]:
         """Per mini-batch, this rank's micro-batches."""
         offsets = [0]
@@ -198,8 +210,12 @@ class PolicyUpdater:
             lo, hi = offsets[groups_range.start], offsets[groups_range.stop]
             trees, tree_credits = flat[lo:hi], credits[lo:hi]
             denominator = mini_batch_denominator(trees, self.settings.aggregation)
-            sizes = [unique_tokens(t) if self.settings.packing else sum(1 for _ in t.paths()) for t in trees]
-            mine = deal_to_ranks(sizes, self.world_size)[self.rank]
+            size_of = unique_tokens if self.settings.packing else path_tokens
+            sizes = [size_of(t) for t in trees]
+            trained = [i for i in range(len(trees)) if not self._skippable(tree_credits[i])]
+            self.trees_skipped += len(trees) - len(trained)
+            dealt = deal_to_ranks([sizes[i] for i in trained], self.world_size)[self.rank]
+            mine = [trained[j] for j in dealt]
             micros = []
             for chunk in cut_micro_batches(sizes, mine, self.settings.micro_batch_tokens):
                 chunk_trees = [trees[i] for i in chunk]
@@ -231,6 +247,7 @@ class PolicyUpdater:
         """Train on one sampled batch (task groups, the same on every rank); returns the batch's metrics."""
         started = time.perf_counter()
         settings = self.settings
+        self.trees_skipped = 0
         credits = group_credit(groups, settings.credit, settings.credit_options)
         plan = self._plan(groups, credits)
         self.engine.train()
@@ -283,6 +300,7 @@ class PolicyUpdater:
         metrics.update(self._batch_stats(flat, credits))
         metrics["grad_norm"] = grad_norms[-1] if grad_norms else math.nan
         metrics["optimizer_steps"] = float(len(grad_norms))
+        metrics["trees_skipped"] = float(self.trees_skipped)
         metrics["update_seconds"] = elapsed
         metrics["tokens_per_s"] = metrics["packed_tokens"] / elapsed if elapsed > 0 else 0.0
         return metrics

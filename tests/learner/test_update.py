@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,22 @@ def test_micro_batch_split_and_layout_do_not_change_the_step(policy_dir: Path) -
     assert metrics["trees"] == 4 and metrics["optimizer_steps"] == 1
     assert 0 < metrics["turn_kl_entropy"] <= 1
     assert metrics["policy_entropy"] > 0
+
+
+def test_zero_advantage_trees_are_skipped_without_changing_the_step(policy_dir: Path) -> None:
+    groups = groups_for(11, n=3)
+    flat = groups[0][0]
+    nodes = [replace(n, reward=0.5) if n.reward is not None else n for n in flat.nodes.values()]
+    groups[0] = [TurnTree.from_nodes(flat.tree_id, flat.task_id, flat.actor_id, nodes)]  # all leaves equal
+    skipping = updater(policy_dir)
+    full = updater(policy_dir, skip_zero_advantage=False)
+    skipped = skipping.update(groups, 0)
+    kept = full.update(groups, 0)
+    assert skipped["trees_skipped"] == 1 and kept["trees_skipped"] == 0
+    assert skipped["packed_tokens"] < kept["packed_tokens"]
+    assert skipped["grad_norm"] == pytest.approx(kept["grad_norm"], rel=1e-5)
+    assert skipped["loss"] == pytest.approx(kept["loss"], rel=1e-5, abs=1e-9)
+    assert_same_step(params(skipping), params(full))
 
 
 def test_stale_turns_beyond_the_cap_are_masked(policy_dir: Path) -> None:
