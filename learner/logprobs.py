@@ -4,17 +4,19 @@ Decided interface
 -----------------
     token_logprobs(model, batch, temperature=1.0) -> Tensor[T]   (float32, differentiable)
 
-The batch is fed as ONE row of T tokens with `batch.position_ids` and a custom 4-D attention mask
-[1, 1, T, T] built from `batch.attention`. The mask is ADDITIVE in the model's dtype (0 where allowed,
-the dtype's minimum elsewhere): transformers 5.23 passes any 4-D mask through unchanged
-(`masking_utils._preprocess_mask_arguments`), the `eager` kernel adds it to the scores and `sdpa` accepts
-a float mask too, so both work (a bool mask would break `eager`, which adds it). Flash-attention and
-flex kernels cannot take an arbitrary [T, T] mask, so they are refused: load the model with
+The batch is fed as S rows, one per segment (a packed tree, or one path), padded to the longest
+segment L, with `batch.position_ids` and a custom 4-D attention mask [S, 1, L, L] built from
+`batch.segment_attention` (memory O(S·L²) rather than O(T²) for T tokens in all). The mask is
+ADDITIVE in the model's dtype (0 where allowed, the dtype's minimum elsewhere): transformers 5.23
+passes any 4-D mask through unchanged (`masking_utils._preprocess_mask_arguments`), the `eager` kernel
+adds it to the scores and `sdpa` accepts a float mask too, so both work (a bool mask would break
+`eager`, which adds it). Flash-attention and flex kernels cannot take an arbitrary [L, L] mask, so
+they are refused: load the model with
 `attn_implementation="sdpa"` (default; on GPU it uses the memory-efficient kernel with a mask) or `"eager"`.
-Every row attends at least to itself, so no softmax row is fully masked.
+Every row (padding included) attends at least to itself, so no softmax row is fully masked.
 
 logp of token i = log_softmax(logits[prev_index[i]] / temperature)[input_ids[i]], 0 where prev_index = -1;
-logits are upcast to float32 before the softmax. Memory: the mask is O(T²), the logits O(T·V).
+logits are upcast to float32 before the softmax. Memory: the mask is O(S·L²), the logits O(S·L·V).
 """
 
 from __future__ import annotations
@@ -28,11 +30,25 @@ SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 
 def attention_bias(batch: PackedBatch, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    """The additive [1, 1, T, T] mask: 0 where `batch.attention` allows, dtype minimum elsewhere."""
-    allowed = batch.attention.to(device)
+    """The additive [S, 1, L, L] mask of the segment batch: 0 where allowed, dtype minimum elsewhere.
+
+    Padding positions (beyond a segment's length) attend to themselves only, so no softmax row is empty.
+    """
+    allowed = batch.segment_attention.to(device).clone()
+    longest = allowed.shape[-1]
+    diagonal = torch.arange(longest, device=allowed.device)
+    allowed[:, diagonal, diagonal] = True
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias[None, None]
+    return bias[:, None]
+
+
+def segment_index(batch: PackedBatch) -> tuple[Tensor, Tensor]:
+    """(segment, offset) of every flat token: where it sits in the padded [S, L] segment batch."""
+    lengths = batch.segment_lengths
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    offset = torch.arange(batch.num_tokens) - batch.segment_starts[segment]
+    return segment, offset
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -76,16 +92,22 @@ def _forward(
         empty = torch.zeros(0, dtype=torch.float32, device=device)
         return empty, (empty if with_entropy else None)
     mask = attention_bias(batch, _model_dtype(model), device)
+    segment, offset = segment_index(batch)
+    shape = (mask.shape[0], mask.shape[-1])
+    input_ids = torch.zeros(shape, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    input_ids[segment, offset] = batch.input_ids.cpu()
+    position_ids[segment, offset] = batch.position_ids.cpu()
     out = model(
-        input_ids=batch.input_ids.to(device)[None],
-        position_ids=batch.position_ids.to(device)[None],
+        input_ids=input_ids.to(device),
+        position_ids=position_ids.to(device),
         attention_mask=mask,
         use_cache=False,
     )
-    logits = out.logits[0]
     prev = batch.prev_index.to(device)
     has_prev = prev >= 0
-    rows = logits[prev[has_prev]].float() / temperature
+    source = prev[has_prev].cpu()
+    rows = out.logits[segment[source].to(device), offset[source].to(device)].float() / temperature
     targets = batch.input_ids.to(device)[has_prev]
     log_probs = torch.log_softmax(rows, dim=-1)
     picked = log_probs.gather(1, targets[:, None]).squeeze(1)

@@ -15,7 +15,10 @@ concatenated block-diagonally. `per_path_batch` is the reference layout: one row
 Both give a `PackedBatch` of 1-D tensors over T tokens:
 
 - `position_ids`: a token's index along its root→token path (what the model would see on that path);
-- `attention` [T, T] bool: i attends j iff j is on the root→i path at or before i;
+- segments: attention never crosses trees (packed) or paths (per-path), so the batch is cut into
+  segments at each root copy (`segment_starts`), each with its own [L, L] bool mask
+  (`segment_attention`, padded to the longest L): i attends j iff j is on the root→i path at or before
+  i. `attention` gives the dense [T, T] view for tests;
 - `prev_index`: the token predicting i (its predecessor on the path), -1 for the first prompt token;
 - `behav_version`: the policy version that generated each token (-1 off the generated tokens);
 - `turn_index`: a dense id per (tree, node), the same in both layouts, unique across the batch;
@@ -28,13 +31,14 @@ Both give a `PackedBatch` of 1-D tensors over T tokens:
 Because the clipped surrogates of `learner.losses` are linear in (adv_pos, adv_neg) for a fixed token,
 the packed loss and its gradients equal the per-path ones (tests/learner/test_packing.py checks this).
 
-Caveat: `attention` is dense, O(T²) memory (T = 8k tokens is 64 MiB as bool, 4× that as a float mask).
+Memory: O(S·L²) for S segments of at most L tokens (a packed tree of 8k tokens is 64 MiB as bool).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from typing import Literal
 
 import numpy as np
@@ -53,7 +57,8 @@ class PackedBatch:
 
     input_ids: Tensor  # long [T]
     position_ids: Tensor  # long [T]
-    attention: Tensor  # bool [T, T]
+    segment_starts: Tensor  # long [S], first token of each segment (a tree packed, or one path per-path)
+    segment_attention: Tensor  # bool [S, L, L], L = longest segment; row i of segment s = its token i
     prev_index: Tensor  # long [T]
     loss_mask: Tensor  # bool [T]
     behav_logp: Tensor  # float32 [T], 0 where not generated
@@ -68,6 +73,21 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
+    @property
+    def segment_lengths(self) -> Tensor:
+        ends = torch.cat([self.segment_starts[1:], torch.tensor([self.num_tokens], dtype=torch.long)])
+        return ends - self.segment_starts
+
+    @property
+    def attention(self) -> Tensor:
+        """The dense [T, T] view (block-diagonal over segments): for tests and small batches only."""
+        dense = torch.zeros((self.num_tokens, self.num_tokens), dtype=torch.bool)
+        for s, (start, length) in enumerate(
+            zip(self.segment_starts.tolist(), self.segment_lengths.tolist(), strict=True)
+        ):
+            dense[start : start + length, start : start + length] = self.segment_attention[s, :length, :length]
+        return dense
+
     def to(self, device: torch.device | str) -> PackedBatch:
         """The same batch on `device` (masses keep float64; the loss casts them)."""
         moved = {
@@ -75,7 +95,8 @@ class PackedBatch:
             for name in (
                 "input_ids",
                 "position_ids",
-                "attention",
+                "segment_starts",
+                "segment_attention",
                 "prev_index",
                 "loss_mask",
                 "behav_logp",
@@ -242,10 +263,24 @@ def _build(
     seq = np.full(total, -1, dtype=np.int64)
     adv_pos = np.zeros(total, dtype=np.float64)
     adv_neg = np.zeros(total, dtype=np.float64)
-    attention = np.zeros((total, total), dtype=bool)
+    # Segments: a new one starts at every root copy (a tree when packed, a path per-path); attention
+    # never crosses segments, so each keeps its own [L, L] mask instead of one [T, T].
+    starts: list[int] = []
+    cursor = 0
+    for inst, size in zip(instances, sizes, strict=True):
+        if inst.parent < 0:
+            starts.append(cursor)
+        cursor += size
+    bounds = [*starts, total]
+    longest = max((b - a for a, b in pairwise(bounds)), default=0)
+    attention = np.zeros((len(starts), longest, longest), dtype=bool)
+    segment = -1
     contexts: list[np.ndarray] = []  # per instance: token indices on its root→end path
     cursor = 0
     for inst, size in zip(instances, sizes, strict=True):
+        if inst.parent < 0:
+            segment += 1
+        base = starts[segment] if starts else 0
         node = inst.node
         context = contexts[inst.parent] if inst.parent >= 0 else np.zeros(0, dtype=np.int64)
         own = np.arange(cursor, cursor + size, dtype=np.int64)
@@ -256,8 +291,11 @@ def _build(
         if size:
             prev[cursor] = context[-1] if len(context) else -1
             prev[cursor + 1 : cursor + size] = own[:-1]
-            attention[np.ix_(own, context)] = True
-            attention[cursor : cursor + size, cursor : cursor + size] = np.tril(np.ones((size, size), dtype=bool))
+            local_own, local_context = own - base, context - base
+            attention[segment][np.ix_(local_own, local_context)] = True
+            attention[segment][local_own[0] : local_own[0] + size, local_own[0] : local_own[0] + size] = np.tril(
+                np.ones((size, size), dtype=bool)
+            )
         gen = slice(cursor + n_obs, cursor + size)
         behav[gen] = node.logprobs
         behav_version[gen] = node.versions
@@ -278,7 +316,8 @@ def _build(
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids),
         position_ids=torch.from_numpy(positions),
-        attention=torch.from_numpy(attention),
+        segment_starts=torch.tensor(starts, dtype=torch.long),
+        segment_attention=torch.from_numpy(attention),
         prev_index=torch.from_numpy(prev),
         loss_mask=torch.from_numpy(loss_mask),
         behav_logp=torch.from_numpy(behav),

@@ -328,3 +328,18 @@ def test_gradient_check_can_fail(model: Qwen2ForCausalLM) -> None:
     _, grads_w, _ = _loss_and_grads(model, wrong, "ppo", zeros, zeros)
     _, grads_r, _ = _loss_and_grads(model, ref, "ppo", zeros[gather], zeros[gather])
     assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads_w, grads_r, strict=True))
+
+
+def test_segments_are_trees_or_paths_and_padding_changes_nothing(model: Qwen2ForCausalLM) -> None:
+    """Packed: one segment per tree; per-path: one per path. Trees of different lengths batched together
+    (the shorter one padded) give the same log-probs as each tree alone."""
+    trees, credits = make_batch("grpo", 31)
+    packed = pack_trees(trees, credits)
+    assert packed.segment_starts.tolist() == [0, unique_tokens(trees[0])]
+    assert packed.segment_attention.shape[0] == 2
+    assert per_path_batch(trees, credits).segment_attention.shape[0] == sum(len(t.leaves()) for t in trees)
+    assert unique_tokens(trees[0]) != unique_tokens(trees[1])  # so one of them is padded
+    with torch.no_grad():
+        together = token_logprobs(model, packed)
+        alone = torch.cat([token_logprobs(model, pack_trees([t], [c])) for t, c in zip(trees, credits, strict=True)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
