@@ -274,6 +274,21 @@ class LearnerConfig(_Section):
     seed: int = Field(0, description="torch seed of the learner")
 
 
+class SftConfig(_Section):
+    """Warm start: supervised fine-tuning on demonstrations (observation tokens masked)."""
+
+    demos: str | None = Field(None, description="JSONL of chat demonstrations; unset = made from the synthetic world")
+    n_demos: int = Field(1500, ge=1, description="demonstrations made from the training split")
+    imperfect_fraction: float = Field(0.3, ge=0, le=1, description="share of made demonstrations with a mistake")
+    epochs: int = Field(3, ge=1, description="passes over the demonstrations")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the warm start")
+    micro_batch_tokens: int = Field(8192, ge=1, description="most tokens per forward")
+    batch_tokens: int = Field(16384, ge=1, description="tokens per optimizer step")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="demonstrations kept out to measure loss")
+    out_dir: str = Field("runs/warmstart", description="where the warm-started model directory is written")
+    seed: int = Field(0, description="seed of demonstration making and shuffling")
+
+
 class RunConfig(_Section):
     """Everything one run needs; the same file serves `at2po run` and each role started by hand."""
 
@@ -288,6 +303,7 @@ class RunConfig(_Section):
     tree: TreeConfig = Field(default_factory=TreeConfig)
     actor: ActorConfig = Field(default_factory=ActorConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
