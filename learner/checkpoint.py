@@ -6,6 +6,8 @@ Layout (decided here), one directory per version under `learner.checkpoint_dir`:
         deepspeed/ds/...        engine.save_checkpoint(tag="ds"): model, optimizer (ZeRO shards per rank)
         learner_state.json      {"version", "step", "trees_trained", "held_trees_file", ...}
         held_trees.bin          trees replay already handed out that wait for their task group (sampling.py framing)
+        model/                  the weights as a Hugging Face model directory (plus the source model's tokenizer
+                                and generation files), loadable by actors, `at2po eval` and `at2po learner run`
         COMPLETE                written last, after every other file is flushed and fsynced
 
 A directory without COMPLETE (the learner died while writing it) is never resumed from and is removed
@@ -26,6 +28,8 @@ MARKER = "COMPLETE"
 STATE_FILE = "learner_state.json"
 HELD_FILE = "held_trees.bin"
 ENGINE_DIR = "deepspeed"
+MODEL_DIR = "model"
+_MODEL_FILES = (".safetensors", ".bin", "config.json")  # what save_pretrained writes; the rest is copied
 ENGINE_TAG = "ds"
 _NAME = re.compile(r"^v(\d{8})$")
 
@@ -87,6 +91,15 @@ def finish(path: Path, state: LearnerState, held_trees: bytes) -> None:
     _write_durable(path / MARKER, b"ok\n")
     _fsync_dir(path)
     _fsync_dir(path.parent)
+
+
+def export_model(module: Any, source_dir: Path, target: Path) -> None:
+    """Save `module` as a Hugging Face model directory, with the tokenizer/chat files of `source_dir`."""
+    target.mkdir(parents=True, exist_ok=True)
+    module.save_pretrained(target, safe_serialization=True)
+    for file in source_dir.iterdir():
+        if file.is_file() and not file.name.endswith(_MODEL_FILES) and not (target / file.name).exists():
+            shutil.copy2(file, target / file.name)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

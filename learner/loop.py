@@ -129,6 +129,7 @@ class Learner:
         self._barrier()
         if self.dist.rank == 0:
             self.state.groups_incomplete = self.assembler.groups_incomplete
+            checkpoint.export_model(self.engine.module, Path(self.config.model.dir), path / checkpoint.MODEL_DIR)
             checkpoint.finish(path, self.state, encode_sampled(self.assembler.held()))
             removed = checkpoint.prune(self.checkpoint_root, self.cfg.keep_checkpoints)
             log.info("checkpoint written", path=str(path), version=self.state.version, pruned=len(removed))

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from learner import checkpoint
 from tests.learner.trees import save_tiny_policy
@@ -122,6 +124,11 @@ def test_learner_trains_from_replay_then_resumes_on_two_ranks(replay: Path, tmp_
         assert all(key in r for r in records), key
 
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "checkpoints")] == ["v00000010", "v00000012"]
+    exported = tmp_path / "checkpoints" / "v00000012" / checkpoint.MODEL_DIR
+    trained = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(tmp_path / "model", local_files_only=True).state_dict()
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)
 
     resumed = run_pair(
         replay,
