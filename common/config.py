@@ -289,6 +289,20 @@ class SftConfig(_Section):
     seed: int = Field(0, description="seed of demonstration making and shuffling")
 
 
+class SupervisorConfig(_Section):
+    """`at2po run`: the local supervisor that starts every role, watches it and writes the report."""
+
+    out_dir: str = Field("runs/at2po-run", description="run directory: config, logs, metrics, checkpoints, report")
+    max_minutes: float = Field(15.0, gt=0, description="wall-clock budget of the whole run, warm start included")
+    actors: int = Field(2, ge=1, description="actor processes")
+    max_restarts: int = Field(3, ge=0, description="restarts allowed per role before the run gives up on it")
+    warm_start: bool = Field(True, description="fine-tune on demonstrations before RL (reused if already made)")
+    eval_limit: int = Field(200, ge=1, description="held-out tasks evaluated before and after training")
+    eval_every_steps: int = Field(0, ge=0, description="also evaluate every k learner checkpoints; 0 = start/end only")
+    live: bool | None = Field(None, description="rich live view; unset = when stdout is a terminal")
+    stop_grace_s: float = Field(60.0, gt=0, description="time a role gets to exit after SIGTERM before SIGKILL")
+
+
 class RunConfig(_Section):
     """Everything one run needs; the same file serves `at2po run` and each role started by hand."""
 
@@ -304,6 +318,7 @@ class RunConfig(_Section):
     actor: ActorConfig = Field(default_factory=ActorConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
