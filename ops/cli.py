@@ -12,6 +12,7 @@ from ops.learner_cmd import learner_app
 from ops.model_cmd import model_app
 from ops.replay_cmd import replay_app
 from ops.retriever_cmd import retriever_app
+from ops.run_cmd import report_command, run_command
 from ops.world_cmd import world_app
 
 app = typer.Typer(
@@ -29,6 +30,8 @@ app.add_typer(world_app, name="world")
 app.add_typer(model_app, name="model")
 app.add_typer(actor_app, name="actor")
 app.add_typer(learner_app, name="learner")
+app.command("run")(run_command)
+app.command("report")(report_command)
 
 
 def main() -> None:

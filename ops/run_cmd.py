@@ -1,0 +1,58 @@
+"""`at2po run` (the embedded default, every role local) and `at2po report RUN_DIR`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from common.config import ConfigError
+from common.log import configure_logging
+from ops.replay_cmd import ConfigOption, SetOption, load_or_exit
+
+OutOption = Annotated[Path | None, typer.Option("--out", help="run directory (default: supervisor.out_dir)")]
+MinutesOption = Annotated[
+    float | None, typer.Option("--max-minutes", help="wall-clock budget (default: supervisor.max_minutes)")
+]
+
+
+def run_command(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    max_minutes: MinutesOption = None,
+) -> None:
+    """Tiny policy, warm start, then replay + actors + learner training with AT2PO, evaluation and a report."""
+    extra = list(overrides or [])
+    if max_minutes is not None:
+        extra.append(f"supervisor.max_minutes={max_minutes}")
+    run_config = load_or_exit(config, extra)
+    configure_logging(run_config.logging.level, run_config.logging.json_logs, role="supervisor")
+    from ops.local_run import LocalRun
+
+    out_dir = out or Path(run_config.supervisor.out_dir)
+    try:
+        summary = LocalRun(run_config, out_dir).run()
+    except (ConfigError, RuntimeError) as error:
+        typer.echo(f"at2po run failed: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(summary))
+    if summary.get("em_warmstart") is not None:
+        typer.echo(
+            f"held-out EM: warm start {summary['em_warmstart']:.1f} -> final "
+            f"{summary['em_final'] if summary['em_final'] is None else format(summary['em_final'], '.1f')}; "
+            f"report: {out_dir / 'report.md'}",
+            err=True,
+        )
+
+
+def report_command(run_dir: Annotated[Path, typer.Argument(help="a run directory written by `at2po run`")]) -> None:
+    """Draw the run's plots (PNG) and write report.md and report.html into the run directory."""
+    from ops.report import write_report
+
+    if not (run_dir / "metrics").is_dir():
+        typer.echo(f"{run_dir} has no metrics/ directory: not an at2po run directory", err=True)
+        raise typer.Exit(2)
+    typer.echo(str(write_report(run_dir)))

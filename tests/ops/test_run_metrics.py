@@ -1,0 +1,111 @@
+"""Metrics files are read incrementally (partial lines kept), and the report draws every plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.config import load_config
+from ops.local_run import RunPaths, headline_em, resolve_run_config
+from ops.report import PLOTS, write_report
+from ops.run_metrics import MetricsTail, RunHistory
+
+
+def record(ts: float, name: str, **fields: object) -> str:
+    return json.dumps({"ts": ts, "role": "x", "name": name, **fields}) + "\n"
+
+
+def test_tail_reads_only_new_complete_lines(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    path = metrics / "learner.jsonl"
+    path.write_text(record(1.0, "learner_step", step=1) + '{"ts": 2.0, "na')
+    tail = MetricsTail(metrics)
+    first = tail.read_new()
+    assert [r["step"] for r in first] == [1] and first[0]["source"] == "learner"
+    with path.open("a") as handle:
+        handle.write('me": "learner_step", "step": 2}\nnot json\n')
+    second = tail.read_new()
+    assert [r["step"] for r in second] == [2]
+    assert tail.bad_lines == 1
+    assert tail.read_new() == []
+
+
+def synthetic_run(run: Path) -> None:
+    metrics = run / "metrics"
+    metrics.mkdir(parents=True)
+    lines = []
+    for step in range(1, 6):
+        lines.append(
+            record(
+                100.0 + 10 * step,
+                "learner_step",
+                step=step,
+                version=step,
+                reward_mean=-1 + 0.1 * step,
+                policy_entropy=3.0 - 0.1 * step,
+                turn_kl_entropy=0.7,
+                tokens_per_s=500.0,
+                update_seconds=6.0,
+                staleness_counts={"0": 2, "1": 1},
+            )
+        )
+    (metrics / "learner.jsonl").write_text("".join(lines))
+    trees = [record(100.0 + 5 * i, "tree", generated_tokens=100) for i in range(10)]
+    (metrics / "actor-0.jsonl").write_text("".join(trees))
+    evals = [
+        record(100.0, "eval", label="warmstart", step=0, em=10.0),
+        record(160.0, "eval", label="final", step=5, em=25.0),
+    ]
+    (metrics / "eval.jsonl").write_text("".join(evals))
+
+
+def test_history_figures(tmp_path: Path) -> None:
+    synthetic_run(tmp_path)
+    history = RunHistory()
+    history.add(MetricsTail(tmp_path / "metrics").read_new())
+    assert history.learner_busy_fraction() == 24.0 / 40.0  # steps 2..5: 4 x 6 s over 40 s
+    assert history.staleness() == {"mean": 5 / 15, "max": 1.0}
+    figures = history.snapshot(now=150.0)
+    assert figures["learner_step"] == 5 and figures["heldout_em"] == 25.0
+    assert figures["trees_done"] == 10
+    assert figures["trees_per_s"] == 10 / 50.0  # all 10 trees within the 60 s window, run 50 s old
+
+
+def test_report_draws_every_plot(tmp_path: Path) -> None:
+    synthetic_run(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"em_warmstart": 10.0, "em_final": 25.0, "restarts": {}}))
+    md = write_report(tmp_path)
+    for name in PLOTS:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"]({name})" in md.read_text()
+    assert "| em_final | 25 |" in md.read_text()
+    assert "<img src='busy.png'" in (tmp_path / "report.html").read_text()
+
+
+def test_report_of_an_empty_run_still_draws(tmp_path: Path) -> None:
+    (tmp_path / "metrics").mkdir()
+    write_report(tmp_path)
+    assert all((tmp_path / name).is_file() for name in PLOTS)
+
+
+def test_run_config_gets_local_paths_and_free_ports(tmp_path: Path) -> None:
+    config = resolve_run_config(load_config(None), RunPaths(tmp_path))
+    assert config.replay.dir == str(tmp_path / "replay")
+    assert config.learner.checkpoint_dir == str(tmp_path / "learner")
+    endpoints = {
+        config.transport.replay_endpoint,
+        config.transport.weights_endpoint,
+        config.transport.weights_pub_endpoint,
+    }
+    assert len(endpoints) == 3 and "tcp://127.0.0.1:5555" not in endpoints
+    fixed = resolve_run_config(
+        load_config(None, ["transport.replay_endpoint=tcp://127.0.0.1:7777"]), RunPaths(tmp_path)
+    )
+    assert fixed.transport.replay_endpoint == "tcp://127.0.0.1:7777"
+
+
+def test_headline_em_prefers_the_size_weighted_mean() -> None:
+    assert headline_em({"em_mean_of_sources": 20.0, "em_weighted_by_size": 30.0}) == 30.0
+    assert headline_em({"overall": {"em_weighted_by_size": 12.5}}) == 12.5
+    assert headline_em({}) is None
