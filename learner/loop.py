@@ -20,6 +20,7 @@ import copy
 import math
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,7 +289,14 @@ class Learner:
             }
         )
         if self.is_main:
-            self.metrics.emit("learner_step", step=self.state.step, version=self.state.version, **metrics)
+            counts = Counter(int(v) for v in staleness)
+            self.metrics.emit(
+                "learner_step",
+                step=self.state.step,
+                version=self.state.version,
+                staleness_counts={str(k): n for k, n in sorted(counts.items())},
+                **metrics,
+            )
             log.info(
                 "update",
                 step=self.state.step,
