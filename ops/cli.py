@@ -7,6 +7,7 @@ import typer
 from ops.actor_cmd import actor_app
 from ops.bench_cmd import bench_app
 from ops.config_cmd import config_app
+from ops.experiment_cmd import experiment_app
 from ops.keys_cmd import keys_app
 from ops.learner_cmd import learner_app
 from ops.model_cmd import model_app
@@ -32,6 +33,7 @@ app.add_typer(actor_app, name="actor")
 app.add_typer(learner_app, name="learner")
 app.command("run")(run_command)
 app.command("report")(report_command)
+app.add_typer(experiment_app, name="experiment")
 
 
 def main() -> None:

@@ -104,8 +104,18 @@ def resolve_run_config(config: RunConfig, paths: RunPaths) -> RunConfig:
 class LocalRun:
     """One `at2po run`: phases in order, with a live view while training."""
 
-    def __init__(self, config: RunConfig, out_dir: Path, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        out_dir: Path,
+        console: Console | None = None,
+        token_budget: int | None = None,
+        em_warmstart: float | None = None,
+    ) -> None:
+        """`token_budget` also ends training once the actors generated that many tokens (equal-cost
+        comparisons); `em_warmstart` is a known warm-start EM, so a sweep evaluates the warm start once."""
         self.paths = RunPaths(out_dir)
+        self.token_budget = token_budget
         self.console = console or Console(stderr=True)
         self.paths.out.mkdir(parents=True, exist_ok=True)
         self.config = resolve_run_config(config, self.paths)
@@ -117,7 +127,7 @@ class LocalRun:
         self.history = RunHistory()
         self.tail = MetricsTail(self.paths.metrics)
         self.eval_records = MetricsWriter(self.paths.metrics / "eval.jsonl", "eval")
-        self.em_warmstart: float | None = None
+        self.em_warmstart: float | None = em_warmstart
         self.em_final: float | None = None
         self.eval_seconds: float | None = None
         self.supervisor: Supervisor | None = None
@@ -260,6 +270,9 @@ class LocalRun:
                     break
                 if time.monotonic() >= deadline:
                     break
+                if self.token_budget is not None and self.generated_tokens() >= self.token_budget:
+                    reason = "token budget"
+                    break
                 supervisor.check()
                 if supervisor.roles["learner"].state == "failed":
                     reason = "learner failed"
@@ -284,6 +297,9 @@ class LocalRun:
         self.history.add(self.tail.read_new())
         return reason
 
+    def generated_tokens(self) -> int:
+        return int(sum(float(t.get("generated_tokens", 0)) for t in self.history.trees))
+
     def _view(self) -> Any:
         health = self.supervisor.health() if self.supervisor else []
         events = self.supervisor.events if self.supervisor else []
@@ -300,7 +316,10 @@ class LocalRun:
         try:
             self.ensure_model()
             model_dir = self.warm_start()
-            self.em_warmstart = self.evaluate(model_dir, "warmstart", 0)
+            if self.em_warmstart is None:
+                self.em_warmstart = self.evaluate(model_dir, "warmstart", 0)
+            else:
+                self.eval_records.emit("eval", label="warmstart", step=0, em=self.em_warmstart, seconds=0.0)
             stopped_by = self.train(model_dir) if not self.interrupted else "interrupted"
             latest = checkpoint.latest(self.paths.checkpoints)
             if latest is not None and not self.interrupted:
@@ -337,6 +356,7 @@ class LocalRun:
             "learner_steps": steps[-1]["step"] if steps else 0,
             "final_version": steps[-1]["version"] if steps else 0,
             "trees_done": len(history.trees),
+            "generated_tokens": self.generated_tokens(),
             "trees_per_s": len(history.trees) / span if span > 0 else None,
             "generated_tokens_per_s": tokens / span if span > 0 else None,
             "learner_busy_fraction": _finite(history.learner_busy_fraction()),
