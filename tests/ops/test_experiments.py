@@ -1,0 +1,116 @@
+"""Sweep bookkeeping, tables and plots, with each run replaced by a recorded one (the real runs are slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from common.config import load_config
+from ops import experiments
+from ops.experiments import (
+    compare_table,
+    compare_variants,
+    minutes_to_target,
+    plot_compare,
+    plot_staleness,
+    run_sweep,
+    staleness_table,
+    staleness_variants,
+    variant_curves,
+    with_overrides,
+)
+
+
+class RecordedRun:
+    """Writes the metrics a run of this variant would leave: EM rises faster with more staleness."""
+
+    calls: ClassVar[list[dict[str, Any]]] = []
+
+    def __init__(self, config: Any, out_dir: Path, token_budget: int | None = None, em_warmstart: float | None = None):
+        self.config, self.out, self.token_budget, self.em_warmstart = config, out_dir, token_budget, em_warmstart
+
+    def run(self) -> dict[str, Any]:
+        RecordedRun.calls.append({"out": self.out.name, "em_warmstart": self.em_warmstart, "budget": self.token_budget})
+        staleness = self.config.replay.max_staleness
+        metrics = self.out / "metrics"
+        metrics.mkdir(parents=True)
+        lines = [
+            {
+                "ts": 1000.0 + 60 * i,
+                "name": "learner_step",
+                "step": i,
+                "version": i,
+                "trees": 4,
+                "update_seconds": 30.0 + 5 * staleness,
+                "kl_behav_k3": 0.01 * staleness,
+            }
+            for i in range(1, 6)
+        ]
+        (metrics / "learner.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        evals = [
+            {"ts": 1000.0, "name": "eval", "label": "warmstart", "step": 0, "em": 20.0},
+            {"ts": 1180.0, "name": "eval", "label": "mid", "step": 3, "em": 20.0 + 4 * staleness},
+        ]
+        (metrics / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+        seed = self.config.learner.seed
+        return {
+            "em_warmstart": 20.0,
+            "em_final": 22.0 + staleness + seed,
+            "minutes": 5.0,
+            "trees_done": 20,
+            "generated_tokens": 1000 + seed,
+        }
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    RecordedRun.calls = []
+    monkeypatch.setattr(experiments, "LocalRun", RecordedRun)
+
+
+def test_variants() -> None:
+    names = [v.name for v in staleness_variants([0, 4], [1, 2])]
+    assert names == ["staleness0-actors1", "staleness4-actors1", "staleness0-actors2", "staleness4-actors2"]
+    compare = compare_variants(["chain", "at2po"], [0, 1])
+    assert compare[0].overrides["tree.builder"] == "chain" and compare[0].overrides["learner.credit"] == "grpo"
+    assert compare[3].overrides["learner.seed"] == 1 and compare[3].group == "at2po"
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        compare_variants(["ppo-chain"], [0])
+    config = with_overrides(load_config(None), {"replay.max_staleness": 0, "tree.builder": "chain"})
+    assert config.replay.max_staleness == 0 and config.tree.builder == "chain"
+
+
+def test_staleness_sweep_table_and_plot(recorded: None, tmp_path: Path) -> None:
+    variants = staleness_variants([0, 1, 4], [2])
+    result = run_sweep(load_config(None), variants, tmp_path)
+    # The first run evaluates the warm start; the others reuse its EM.
+    assert [c["em_warmstart"] for c in RecordedRun.calls] == [None, 20.0, 20.0]
+    rows = staleness_table(result, tmp_path, target_gain=10.0)
+    assert [r["minutes_to_target"] for r in rows] == [None, None, 3.0]  # only staleness 4 reaches 30 EM (at 3 min)
+    assert rows[2]["learner_busy_fraction"] == pytest.approx(50.0 * 4 / 240.0)
+    assert rows[1]["kl_behav_k3_mean"] == pytest.approx(0.01)
+    assert plot_staleness(result, tmp_path).read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["summaries"]) == {v.name for v in variants}
+
+
+def test_compare_table_over_seeds(recorded: None, tmp_path: Path) -> None:
+    variants = compare_variants(["chain", "at2po"], [0, 2])
+    result = run_sweep(load_config(None), variants, tmp_path, token_budget=5000)
+    assert {c["budget"] for c in RecordedRun.calls} == {5000}
+    rows = compare_table(result)
+    assert [r["algorithm"] for r in rows] == ["chain", "at2po"]
+    assert rows[0]["em_final_mean"] == pytest.approx(27.0)  # default staleness 4: 22 + 4 + mean of seeds 0, 2
+    assert rows[0]["em_final_std"] == pytest.approx(1.0)
+    assert plot_compare(rows, tmp_path).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curves_and_target(tmp_path: Path) -> None:
+    curve = {"minutes": [0.0, 2.0, 4.0], "em": [10.0, 15.0, 21.0], "trees": [0, 8, 16]}
+    assert minutes_to_target(curve, 20.0) == 4.0
+    assert minutes_to_target(curve, 30.0) is None
+    (tmp_path / "metrics").mkdir()
+    assert variant_curves(tmp_path)["em"] == []
