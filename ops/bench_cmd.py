@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ops.bench_learner import bench_learner_command
 from ops.bench_retrieval import bench_retrieval_command
 from ops.bench_rollout import bench_rollout_command
 from ops.bench_world import bench_world_command
@@ -16,6 +17,7 @@ bench_app = typer.Typer(help="Benchmarks (JSON figures; ratios against a baselin
 bench_app.command("retrieval")(bench_retrieval_command)
 bench_app.command("world")(bench_world_command)
 bench_app.command("rollout")(bench_rollout_command)
+bench_app.command("learner")(bench_learner_command)
 
 
 @bench_app.callback()

@@ -19,6 +19,7 @@ import asyncio
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,29 +36,43 @@ BUILDERS: dict[str, dict[str, Any]] = {
 }
 
 
-async def _measure_builder(
-    name: str, options: dict[str, Any], tasks: list[Any], env: Any, backend: Any, codec: Any, max_new_tokens: int
-) -> dict[str, Any]:
+async def grow_trees(
+    builder: Any, tasks: list[Any], env: Any, backend: Any, codec: Any, max_new_tokens: int
+) -> list[Any]:
+    """Every task's trees from `builder`, all concurrently (their turns meet in one scheduler's batches).
+
+    Shared with `at2po bench learner`, which trains on the trees; seeds are 1000·task index + copy.
+    """
     from actors.builders.common import Budget, TreeJob
-    from actors.builders.registry import make_builder
     from actors.generation import SamplingParams
     from actors.scheduler import GenerationScheduler
 
-    builder = make_builder(name, **options)
     sampling = SamplingParams(temperature=1.0)
     scheduler = GenerationScheduler(backend, sampling, max_batch=64)
     budget = Budget(max_new_tokens=max_new_tokens)
-    started = time.perf_counter()
     try:
-        builds = await asyncio.gather(
-            *(
-                builder.build(TreeJob(task, env, scheduler, codec, sampling, seed=1000 * index + copy, budget=budget))
-                for index, task in enumerate(tasks)
-                for copy in range(builder.trees_per_task)
+        return list(
+            await asyncio.gather(
+                *(
+                    builder.build(
+                        TreeJob(task, env, scheduler, codec, sampling, seed=1000 * index + copy, budget=budget)
+                    )
+                    for index, task in enumerate(tasks)
+                    for copy in range(builder.trees_per_task)
+                )
             )
         )
     finally:
         scheduler.close()
+
+
+async def _measure_builder(
+    name: str, options: dict[str, Any], tasks: list[Any], env: Any, backend: Any, codec: Any, max_new_tokens: int
+) -> dict[str, Any]:
+    from actors.builders.registry import make_builder
+
+    started = time.perf_counter()
+    builds = await grow_trees(make_builder(name, **options), tasks, env, backend, codec, max_new_tokens)
     tokens = sum(b.generated_tokens for b in builds)
     leaves = sum(b.leaves for b in builds)
     return {
@@ -68,36 +83,56 @@ async def _measure_builder(
     }
 
 
-def run_rollout_bench(prompts: int, max_new_tokens: int, seed: int, model_dir: Path | None) -> dict[str, Any]:
-    from actors.backend_torch import TorchBackend, measure_backend_speedup
+@dataclass(frozen=True)
+class RolloutWorld:
+    """The tiny policy on the synthetic world: what a builder needs to grow trees."""
+
+    tasks: list[Any]
+    env: Any
+    policy: Any
+    codec: Any
+    backend: Any
+
+
+def open_world(scratch: Path, prompts: int, seed: int, model_dir: Path | None) -> RolloutWorld:
+    """The synthetic world under `scratch`, and the policy (a fresh tiny one there unless `model_dir`)."""
+    from actors.backend_torch import TorchBackend
     from actors.chat import ChatCodec
     from actors.policy_model import load_policy
     from actors.tiny_model import init_tiny_model
     from tools_env.factory import build_environment, prepare_tasks
 
+    if model_dir is None:
+        model_dir = init_tiny_model(scratch / "model")
+    config = build_config(
+        {
+            "tasks": {"data_dir": str(scratch / "world"), "n_train": max(prompts, 10), "n_test": 5},
+            "env": {"max_turns": 4},
+        }
+    )
+    splits = prepare_tasks(config)
+    env = build_environment(config, splits.corpus_path)
+    policy = load_policy(model_dir)
+    codec = ChatCodec.from_policy(policy)
+    backend = TorchBackend(policy.model, policy.tokenizer, max_batch=64, seed=seed)
+    return RolloutWorld(list(splits.train[:prompts]), env, policy, codec, backend)
+
+
+def run_rollout_bench(prompts: int, max_new_tokens: int, seed: int, model_dir: Path | None) -> dict[str, Any]:
+    from actors.backend_torch import measure_backend_speedup
+
     with tempfile.TemporaryDirectory(prefix="at2po-bench-rollout-") as scratch:
-        if model_dir is None:
-            model_dir = init_tiny_model(Path(scratch) / "model")
-        config = build_config(
-            {
-                "tasks": {"data_dir": str(Path(scratch) / "world"), "n_train": max(prompts, 10), "n_test": 5},
-                "env": {"max_turns": 4},
-            }
-        )
-        splits = prepare_tasks(config)
-        env = build_environment(config, splits.corpus_path)
-        policy = load_policy(model_dir)
-        codec = ChatCodec.from_policy(policy)
-        backend = TorchBackend(policy.model, policy.tokenizer, max_batch=64, seed=seed)
-        tasks = list(splits.train[:prompts])
+        world = open_world(Path(scratch), prompts, seed, model_dir)
         figures: dict[str, Any] = {
             "prompts": prompts,
             "leaves_per_prompt_target": LEAVES,
             "max_new_tokens": max_new_tokens,
         }
         for name, options in BUILDERS.items():
-            figures[name] = asyncio.run(_measure_builder(name, options, tasks, env, backend, codec, max_new_tokens))
-        speed = measure_backend_speedup(policy.model, policy.tokenizer, seed=seed)
+            figures[name] = asyncio.run(
+                _measure_builder(name, options, world.tasks, world.env, world.backend, world.codec, max_new_tokens)
+            )
+        speed = measure_backend_speedup(world.policy.model, world.policy.tokenizer, seed=seed)
     chain = figures["chain"]["tokens_per_leaf"]
     figures["chain_tokens_per_leaf"] = chain
     figures["tree_grpo_tokens_per_leaf"] = figures["tree-grpo"]["tokens_per_leaf"]
