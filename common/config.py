@@ -257,6 +257,9 @@ class LearnerConfig(_Section):
     minibatches: int = Field(1, ge=1, description="optimizer steps per sampled batch (PPO mini-batches)")
     ppo_epochs: int = Field(1, ge=1, description="passes over each sampled batch")
     packing: bool = Field(True, description="lay each tree out once (tree attention); false = one row per path")
+    segment_tokens: int | None = Field(
+        None, ge=1, description="packed: cut a tree into subtrees of at most this many tokens; unset = whole tree"
+    )
     skip_zero_advantage: bool = Field(
         True, description="do not forward trees whose advantages are all 0 (same step; needs kl_coef = 0)"
     )
@@ -303,6 +306,39 @@ class SupervisorConfig(_Section):
     stop_grace_s: float = Field(60.0, gt=0, description="time a role gets to exit after SIGTERM before SIGKILL")
 
 
+class ClusterConfig(_Section):
+    """`at2po cluster`: the roles as Ray actors on an existing Ray cluster (resources, placement, restarts)."""
+
+    name: str = Field(
+        "at2po",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="run name: the Ray namespace of the role actors (`status` and `stop` find them by it)",
+    )
+    actors: int = Field(2, ge=0, description="actor roles")
+    learner: bool = Field(True, description="start the learner (false: replay and actors only)")
+    replay_cpus: float = Field(1.0, ge=0, description="CPUs reserved for replay")
+    replay_node_ip: str | None = Field(None, description="node whose disk holds the replay store; unset = any node")
+    actor_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor")
+    actor_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor")
+    learner_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the learner")
+    learner_gpus: float = Field(0.0, ge=0, description="GPUs reserved for the learner (all its ranks)")
+    max_restarts: int = Field(
+        3, ge=0, description="restarts per role of its process, and of its Ray actor (e.g. after a node loss)"
+    )
+    curve_keys: Literal["auto", "generate", "config"] = Field(
+        "auto",
+        description="generate: CurveZMQ keys made per run; config: transport.* key files; auto: generate "
+        "unless those are set or every node is on loopback",
+    )
+    fixed_ports: bool = Field(False, description="bind the configured endpoint ports; false = free ports on each node")
+    cwd: str | None = Field(
+        None, description="directory roles run in on each node (relative paths resolve there); unset = the driver's"
+    )
+    node_dir: str = Field("/tmp/at2po-cluster", description="node-local directory for each role's config, keys and log")
+    start_timeout_s: float = Field(180.0, gt=0, description="longest wait for replay to be placed and listening")
+    stop_grace_s: float = Field(60.0, gt=0, description="time a role gets to exit after SIGTERM before SIGKILL")
+
+
 class RunConfig(_Section):
     """Everything one run needs; the same file serves `at2po run` and each role started by hand."""
 
@@ -319,6 +355,7 @@ class RunConfig(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

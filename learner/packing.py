@@ -169,21 +169,89 @@ def _path_ids(trees: Sequence[TurnTree]) -> list[dict[int, int]]:
     return out
 
 
-def _packed_instances(trees: Sequence[TurnTree]) -> list[_Instance]:
+def _subtree_sizes(tree: TurnTree, kids: dict[int, list[int]]) -> dict[int, int]:
+    size: dict[int, int] = {}
+    for node in reversed(_dfs(tree)):  # children before parents
+        own = len(node.obs_ids) + len(node.token_ids)
+        size[node.node_id] = own + sum(size[c] for c in kids[node.node_id])
+    return size
+
+
+def tree_segments(tree: TurnTree, segment_tokens: int | None = None) -> list[list[int]]:
+    """Node ids of each segment (ancestors first, then subtrees depth-first); together they cover every leaf once.
+
+    None = the whole tree as one segment. Otherwise a subtree goes into one segment with a copy of its
+    ancestor chain when chain + subtree fit in `segment_tokens`; sibling subtrees that fit together share
+    a segment; a subtree too big is split among its children (the chain grows by one node). A single
+    root→leaf path longer than the budget still makes one segment.
+    """
+    order = [n.node_id for n in _dfs(tree)]
+    if segment_tokens is None:
+        return [order]
+    kids = tree.children()
+    size = _subtree_sizes(tree, kids)
+    tokens = {i: len(n.obs_ids) + len(n.token_ids) for i, n in tree.nodes.items()}
+
+    def subtree(node_id: int) -> list[int]:
+        out, stack = [], [node_id]
+        while stack:
+            current = stack.pop()
+            out.append(current)
+            stack.extend(reversed(kids[current]))
+        return out
+
+    segments: list[list[int]] = []
+
+    def place(node_id: int, chain: list[int], chain_tokens: int) -> None:
+        if chain_tokens + size[node_id] <= segment_tokens or not kids[node_id]:
+            segments.append(chain + subtree(node_id))
+            return
+        base, base_tokens = [*chain, node_id], chain_tokens + tokens[node_id]
+        group: list[int] = []
+        group_tokens = 0
+
+        def flush() -> None:
+            nonlocal group, group_tokens
+            if group:
+                segments.append(base + [i for child in group for i in subtree(child)])
+            group, group_tokens = [], 0
+
+        for child in kids[node_id]:
+            if base_tokens + size[child] > segment_tokens:
+                flush()
+                place(child, base, base_tokens)
+            elif base_tokens + group_tokens + size[child] <= segment_tokens:
+                group.append(child)
+                group_tokens += size[child]
+            else:
+                flush()
+                group, group_tokens = [child], size[child]
+        flush()
+
+    place(tree.root.node_id, [], 0)
+    return segments
+
+
+def _packed_instances(trees: Sequence[TurnTree], segment_tokens: int | None = None) -> list[_Instance]:
     turns, path_ids = turn_ids(trees), _path_ids(trees)
     instances: list[_Instance] = []
     for k, tree in enumerate(trees):
-        through: dict[int, list[int]] = {i: [] for i in tree.nodes}
-        for path in tree.paths():
-            for node in path:
-                through[node.node_id].append(path_ids[k][path[-1].node_id])
-        where: dict[int, int] = {}
-        for node in _dfs(tree):
-            parent = -1 if node.parent_id == ROOT_PARENT else where[node.parent_id]
-            where[node.node_id] = len(instances)
-            instances.append(
-                _Instance(node, parent, turns[k][node.node_id], tuple(through[node.node_id]), parent == -1)
-            )
+        leaf_path = {path[-1].node_id: path for path in tree.paths()}
+        for segment in tree_segments(tree, segment_tokens):
+            members = set(segment)
+            through: dict[int, list[int]] = {i: [] for i in segment}
+            for leaf_id, path in leaf_path.items():
+                if leaf_id in members:
+                    for node in path:
+                        through[node.node_id].append(path_ids[k][leaf_id])
+            where: dict[int, int] = {}
+            for node_id in segment:
+                node = tree.nodes[node_id]
+                parent = -1 if node.parent_id == ROOT_PARENT else where[node.parent_id]
+                where[node_id] = len(instances)
+                instances.append(
+                    _Instance(node, parent, turns[k][node_id], tuple(through[node_id]), node.parent_id == ROOT_PARENT)
+                )
     return instances
 
 
@@ -335,9 +403,15 @@ def pack_trees(
     credits: Sequence[TreeCredit],
     aggregation: Aggregation = "seq-mean-token-mean",
     denominator: float | None = None,
+    segment_tokens: int | None = None,
 ) -> PackedBatch:
-    """Every tree once, as its unique nodes depth-first; a shared token carries the masses of all its paths."""
-    return _build(trees, credits, _packed_instances(trees), aggregation, denominator)
+    """Every tree once, as its unique nodes depth-first; a shared token carries the masses of all its paths.
+
+    `segment_tokens` bounds a segment's length (see `tree_segments`): attention costs O(L²) per segment
+    with a dense mask, so a big tree is cut into subtrees that each carry a copy of their ancestors. A
+    copy carries the masses of the paths whose leaf is in its segment, so loss and gradients are unchanged.
+    """
+    return _build(trees, credits, _packed_instances(trees, segment_tokens), aggregation, denominator)
 
 
 def per_path_batch(

@@ -54,6 +54,7 @@ class UpdateSettings:
     minibatches: int = 1
     ppo_epochs: int = 1
     packing: bool = True
+    segment_tokens: int | None = None
     prox_logp: str = "recompute"
     temperature: float = 1.0
     skip_zero_advantage: bool = True
@@ -91,6 +92,7 @@ class UpdateSettings:
             minibatches=cfg.minibatches,
             ppo_epochs=cfg.ppo_epochs,
             packing=cfg.packing,
+            segment_tokens=cfg.segment_tokens,
             prox_logp=cfg.prox_logp,
             skip_zero_advantage=cfg.skip_zero_advantage,
             temperature=temperature if temperature > 0 else 1.0,
@@ -190,8 +192,10 @@ class PolicyUpdater:
         return self.engine.dist.world_size
 
     def _layout(self, trees: list[TurnTree], credits: list[TreeCredit], denominator: float) -> PackedBatch:
-        build = pack_trees if self.settings.packing else per_path_batch
-        return build(trees, credits, self.settings.aggregation, denominator)  # type: ignore[arg-type]
+        aggregation = self.settings.aggregation
+        if self.settings.packing:
+            return pack_trees(trees, credits, aggregation, denominator, self.settings.segment_tokens)  # type: ignore[arg-type]
+        return per_path_batch(trees, credits, aggregation, denominator)  # type: ignore[arg-type]
 
     def _skippable(self, credit: TreeCredit) -> bool:
         """A tree whose every advantage is 0 adds nothing to the loss or its gradient (without a KL term)."""

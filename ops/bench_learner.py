@@ -70,6 +70,7 @@ class LearnerBenchSettings:
     rounds: int = _TREE.at2po_rounds
     expansions: int = _TREE.at2po_expansions
     micro_batch_tokens: int = 16384
+    segment_tokens: int | None = None
     torch_threads: int = 2
     lr: float = 1e-6
     sync_repeats: int = 5
@@ -147,7 +148,12 @@ def make_updaters(model_dir: Path, settings: LearnerBenchSettings) -> dict[str, 
     dist = DistributedSpec(master_port=_free_port())  # torch.distributed starts once; both engines share it
     updaters = {}
     for name in LAYOUTS:
-        cfg = LearnerConfig(packing=name == "packed", micro_batch_tokens=settings.micro_batch_tokens, lr=settings.lr)
+        cfg = LearnerConfig(
+            packing=name == "packed",
+            segment_tokens=settings.segment_tokens,
+            micro_batch_tokens=settings.micro_batch_tokens,
+            lr=settings.lr,
+        )
         engine = TrainEngine(load_train_model(model_dir), cfg, dist)
         updaters[name] = PolicyUpdater(engine, UpdateSettings.from_config(cfg))
     return updaters
@@ -363,6 +369,9 @@ def bench_learner_command(
     rounds: Annotated[int, typer.Option(help="L: expansion rounds")] = _TREE.at2po_rounds,
     expansions: Annotated[int, typer.Option(help="K: nodes expanded per round")] = _TREE.at2po_expansions,
     micro_batch_tokens: Annotated[int, typer.Option(help="most tokens per forward (a tree is never split)")] = 16384,
+    segment_tokens: Annotated[
+        int | None, typer.Option(help="packed: most tokens per segment (learner.segment_tokens); unset = whole tree")
+    ] = None,
     torch_threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
     sync_repeats: Annotated[int, typer.Option(help="timed weight transfers")] = 5,
     chunk_kb: Annotated[int, typer.Option(help="weight chunk size in KiB")] = 1024,
@@ -383,6 +392,7 @@ def bench_learner_command(
         rounds=rounds,
         expansions=expansions,
         micro_batch_tokens=micro_batch_tokens,
+        segment_tokens=segment_tokens,
         torch_threads=torch_threads,
         sync_repeats=sync_repeats,
         chunk_kb=chunk_kb,

@@ -6,6 +6,7 @@ import typer
 
 from ops.actor_cmd import actor_app
 from ops.bench_cmd import bench_app
+from ops.cluster_cmd import cluster_app
 from ops.config_cmd import config_app
 from ops.experiment_cmd import experiment_app
 from ops.keys_cmd import keys_app
@@ -34,6 +35,7 @@ app.add_typer(learner_app, name="learner")
 app.command("run")(run_command)
 app.command("report")(report_command)
 app.add_typer(experiment_app, name="experiment")
+app.add_typer(cluster_app, name="cluster")
 
 
 def main() -> None:

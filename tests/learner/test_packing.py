@@ -17,6 +17,7 @@ from learner.packing import (
     path_tokens,
     per_path_batch,
     per_path_gather,
+    tree_segments,
     unique_tokens,
 )
 
@@ -343,3 +344,51 @@ def test_segments_are_trees_or_paths_and_padding_changes_nothing(model: Qwen2For
         together = token_logprobs(model, packed)
         alone = torch.cat([token_logprobs(model, pack_trees([t], [c])) for t, c in zip(trees, credits, strict=True)])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+def _token_delta(batch: PackedBatch, scale: float, phase: float) -> torch.Tensor:
+    """A perturbation that depends only on which token it is (turn, position), so every copy gets the same."""
+    return scale * torch.sin(batch.turn_index.double() * 7.1 + batch.position_ids.double() * 1.3 + phase).float()
+
+
+@pytest.mark.parametrize("segment_tokens", [1, 20, 45, 10_000])
+@pytest.mark.parametrize("loss_name", ["atpo", "ppo"])
+def test_segmented_packing_keeps_loss_and_gradients(
+    model: Qwen2ForCausalLM, loss_name: str, segment_tokens: int
+) -> None:
+    trees, credits = make_batch("at2po", 23)
+    segmented, ref = pack_trees(trees, credits, segment_tokens=segment_tokens), per_path_batch(trees, credits)
+    results = []
+    model.train()
+    for batch in (segmented, ref):
+        delta_prox = _token_delta(batch, 0.3, 0.0)
+        delta_behav = delta_prox + _token_delta(batch, 2.5, 2.0)
+        results.append(_loss_and_grads(model, batch, loss_name, delta_prox, delta_behav))
+    model.eval()
+    (loss_s, grads_s, metrics), (loss_r, grads_r, _) = results
+    assert metrics["clip_fraction"] > 0.0 and metrics["is_masked_fraction"] > 0.0, metrics
+    torch.testing.assert_close(loss_s, loss_r, rtol=1e-5, atol=1e-7)
+    for (name, _), gs, gr in zip(model.named_parameters(), grads_s, grads_r, strict=True):
+        torch.testing.assert_close(gs, gr, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_tree_segments_cover_every_leaf_once_within_budget() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        tree = random_tree(rng, "t", levels=int(rng.integers(2, 5)))
+        longest = max(sum(len(n.obs_ids) + len(n.token_ids) for n in p) for p in tree.paths())
+        for budget in (1, 15, 40, 100):
+            segments = tree_segments(tree, budget)
+            leaves = [i for seg in segments for i in seg if tree.nodes[i].is_leaf]
+            assert sorted(leaves) == sorted(n.node_id for n in tree.leaves())
+            for seg in segments:
+                assert seg[0] == tree.root.node_id
+                assert all(tree.nodes[i].parent_id in seg for i in seg[1:])  # ancestors come along
+                tokens = sum(len(tree.nodes[i].obs_ids) + len(tree.nodes[i].token_ids) for i in seg)
+                assert tokens <= max(budget, longest)
+        assert (
+            tree_segments(tree, None) == [[n.node_id for n in tree.nodes.values() if True]]
+            or len(tree_segments(tree, None)) == 1
+        )
+    whole = tree_segments(tree, 10**9)
+    assert len(whole) == 1 and sorted(whole[0]) == sorted(tree.nodes)
