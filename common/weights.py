@@ -19,6 +19,7 @@ Decided here (learner and actors rely on it):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -95,6 +96,12 @@ class WeightPublisher:
         except BaseException:
             self._pub.close()
             raise
+        # publish() wakes the serving thread at once, so an announcement does not wait out a poll interval.
+        wake_endpoint = f"inproc://at2po-weights-wake-{id(self)}"
+        self._wake_rx = self._ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(wake_endpoint)
+        self._wake_tx = self._ctx.socket(zmq.PAIR)
+        self._wake_tx.connect(wake_endpoint)
         self._thread = threading.Thread(target=self._serve, name="weight-publisher", daemon=True)
         self._thread.start()
 
@@ -117,6 +124,8 @@ class WeightPublisher:
             for old in sorted(self._versions)[: -self.keep_versions]:
                 del self._versions[old]
             self._announce_pending = True
+            with contextlib.suppress(zmq.Again):
+                self._wake_tx.send(b"", flags=zmq.NOBLOCK)
         self.counters.inc("versions_published")
         return announcement
 
@@ -125,6 +134,8 @@ class WeightPublisher:
         self._thread.join(timeout=5)
         self._pub.close()
         self._router.close()
+        self._wake_tx.close(linger=0)
+        self._wake_rx.close(linger=0)
         self._ctx.term()
 
     def __enter__(self) -> WeightPublisher:
@@ -137,6 +148,7 @@ class WeightPublisher:
         pub, router = self._pub.socket, self._router.socket
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
         next_announce = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
@@ -147,7 +159,14 @@ class WeightPublisher:
             if due and newest is not None:
                 pub.send_multipart(encode_message(newest.announcement))
                 next_announce = now + self.reannounce_s
-            if dict(poller.poll(50)).get(router):
+            events = dict(poller.poll(50))
+            if events.get(self._wake_rx):
+                while True:
+                    try:
+                        self._wake_rx.recv(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            if events.get(router):
                 self._answer(router)
 
     def _answer(self, router: zmq.Socket) -> None:
