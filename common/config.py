@@ -257,8 +257,8 @@ class LearnerConfig(_Section):
     minibatches: int = Field(1, ge=1, description="optimizer steps per sampled batch (PPO mini-batches)")
     ppo_epochs: int = Field(1, ge=1, description="passes over each sampled batch")
     packing: bool = Field(True, description="lay each tree out once (tree attention); false = one row per path")
-    segment_tokens: int | None = Field(
-        None, ge=1, description="packed: cut a tree into subtrees of at most this many tokens; unset = whole tree"
+    segment_tokens: int = Field(
+        1536, ge=0, description="packed: cut a tree into subtrees of at most this many tokens; 0 = whole tree"
     )
     skip_zero_advantage: bool = Field(
         True, description="do not forward trees whose advantages are all 0 (same step; needs kl_coef = 0)"

@@ -92,7 +92,7 @@ class UpdateSettings:
             minibatches=cfg.minibatches,
             ppo_epochs=cfg.ppo_epochs,
             packing=cfg.packing,
-            segment_tokens=cfg.segment_tokens,
+            segment_tokens=cfg.segment_tokens or None,
             prox_logp=cfg.prox_logp,
             skip_zero_advantage=cfg.skip_zero_advantage,
             temperature=temperature if temperature > 0 else 1.0,

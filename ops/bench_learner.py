@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from common.config import TreeConfig
+from common.config import LearnerConfig, TreeConfig
 
 if TYPE_CHECKING:
     from torch import nn
@@ -70,7 +70,7 @@ class LearnerBenchSettings:
     rounds: int = _TREE.at2po_rounds
     expansions: int = _TREE.at2po_expansions
     micro_batch_tokens: int = 16384
-    segment_tokens: int | None = None
+    segment_tokens: int = LearnerConfig().segment_tokens
     torch_threads: int = 2
     lr: float = 1e-6
     sync_repeats: int = 5
@@ -141,7 +141,6 @@ def _free_port() -> int:
 
 def make_updaters(model_dir: Path, settings: LearnerBenchSettings) -> dict[str, PolicyUpdater]:
     """One engine per layout from the same weights; equal but for `learner.packing`."""
-    from common.config import LearnerConfig
     from learner.engine import DistributedSpec, TrainEngine, load_train_model
     from learner.update import PolicyUpdater, UpdateSettings
 
@@ -370,8 +369,8 @@ def bench_learner_command(
     expansions: Annotated[int, typer.Option(help="K: nodes expanded per round")] = _TREE.at2po_expansions,
     micro_batch_tokens: Annotated[int, typer.Option(help="most tokens per forward (a tree is never split)")] = 16384,
     segment_tokens: Annotated[
-        int | None, typer.Option(help="packed: most tokens per segment (learner.segment_tokens); unset = whole tree")
-    ] = None,
+        int, typer.Option(help="packed: most tokens per segment (learner.segment_tokens); 0 = whole tree")
+    ] = LearnerConfig().segment_tokens,
     torch_threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
     sync_repeats: Annotated[int, typer.Option(help="timed weight transfers")] = 5,
     chunk_kb: Annotated[int, typer.Option(help="weight chunk size in KiB")] = 1024,
