@@ -274,6 +274,7 @@ class LocalRun:
                     reason = "token budget"
                     break
                 supervisor.check()
+                self._write_roles(supervisor)
                 if supervisor.roles["learner"].state == "failed":
                     reason = "learner failed"
                     break
@@ -294,8 +295,16 @@ class LocalRun:
         self.phase = "stopping"
         self.console.print(f"stopping roles ({reason})")
         supervisor.stop([[n for n in supervisor.roles if n.startswith("actor")], ["learner"], ["replay"]])
+        self._write_roles(supervisor)
         self.history.add(self.tail.read_new())
         return reason
+
+    def _write_roles(self, supervisor: Supervisor) -> None:
+        """`roles.json`: each role's state, pid and restarts (for operators and the fault tests)."""
+        roles = [h.__dict__ for h in supervisor.health()]
+        tmp = self.paths.out / "roles.json.tmp"
+        tmp.write_text(json.dumps({"phase": self.phase, "roles": roles}) + "\n", encoding="utf-8")
+        tmp.replace(self.paths.out / "roles.json")
 
     def generated_tokens(self) -> int:
         return int(sum(float(t.get("generated_tokens", 0)) for t in self.history.trees))
