@@ -8,6 +8,7 @@ from ops.actor_cmd import actor_app
 from ops.bench_cmd import bench_app
 from ops.cluster_cmd import cluster_app
 from ops.config_cmd import config_app
+from ops.eval_cmd import eval_app
 from ops.experiment_cmd import experiment_app
 from ops.keys_cmd import keys_app
 from ops.learner_cmd import learner_app
@@ -15,6 +16,7 @@ from ops.model_cmd import model_app
 from ops.replay_cmd import replay_app
 from ops.retriever_cmd import retriever_app
 from ops.run_cmd import report_command, run_command
+from ops.sft_cmd import sft_app
 from ops.world_cmd import world_app
 
 app = typer.Typer(
@@ -36,6 +38,8 @@ app.command("run")(run_command)
 app.command("report")(report_command)
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(eval_app, name="eval")
+app.add_typer(sft_app, name="sft")
 
 
 def main() -> None:
