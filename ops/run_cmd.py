@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,16 @@ import typer
 from common.config import ConfigError
 from common.log import configure_logging
 from ops.replay_cmd import ConfigOption, SetOption, load_or_exit
+
+# `at2po run` without --config: the embedded default, sized for the tiny policy on a 2-core CPU (turns of the
+# synthetic world are short; a learner step needs 8 trees; a checkpoint and a held-out evaluation every 5
+# steps draw the EM curve). A --config file replaces these; --set still overrides either.
+EMBEDDED_OVERRIDES = (
+    "tree.max_new_tokens=96",
+    "replay.trees_per_step=8",
+    "learner.checkpoint_every=5",
+    "supervisor.eval_every_steps=5",
+)
 
 OutOption = Annotated[Path | None, typer.Option("--out", help="run directory (default: supervisor.out_dir)")]
 MinutesOption = Annotated[
@@ -25,7 +36,7 @@ def run_command(
     max_minutes: MinutesOption = None,
 ) -> None:
     """Tiny policy, warm start, then replay + actors + learner training with AT2PO, evaluation and a report."""
-    extra = list(overrides or [])
+    extra = [*(EMBEDDED_OVERRIDES if config is None else ()), *(overrides or [])]
     if max_minutes is not None:
         extra.append(f"supervisor.max_minutes={max_minutes}")
     run_config = load_or_exit(config, extra)
@@ -33,6 +44,9 @@ def run_command(
     from ops.local_run import LocalRun
 
     out_dir = out or Path(run_config.supervisor.out_dir)
+    if (out_dir / "metrics").exists():  # never mix two runs' metrics: a used directory gets a dated sibling
+        out_dir = out_dir.with_name(f"{out_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        typer.echo(f"{out or run_config.supervisor.out_dir} holds an earlier run; writing to {out_dir}", err=True)
     try:
         summary = LocalRun(run_config, out_dir).run()
     except (ConfigError, RuntimeError) as error:
