@@ -19,6 +19,9 @@ Delivery rules (decided here):
   refused, handshake failed) timed resends are held back: ZeroMQ keeps queued messages for the
   next connection, so copies would only pile up (and lease requests, which are not idempotent,
   would be granted several times). Before the monitor has reported anything the link counts as up.
+- **Restarts.** The first lease request of a client says `release_others`: replay then drops the
+  growing trees of this actor id that the request does not renew (a restarted actor with a fixed id
+  frees its admission slots at once instead of after the lease TTL). Actor ids must be unique.
 - **Errors.** For a subtree, `ErrorMsg` code `internal` keeps it in the window and re-sends it
   `resend_after_s` later; every other code is final: the subtree leaves the window, is appended to
   `rejected` and is never re-sent. For a request, `internal` means "retry after the resend
@@ -471,6 +474,7 @@ class ActorReplayClient(_ReplayConnection):
         self.acked = 0
         self.duplicates = 0
         self.rejected: list[RejectedSubtree] = []
+        self._first_lease_request = True
         super().__init__(endpoint, transport, resend_after_s, ctx)
 
     def __enter__(self) -> ActorReplayClient:
@@ -561,7 +565,14 @@ class ActorReplayClient(_ReplayConnection):
 
         Granting is not idempotent: a re-sent request may be granted twice; unused leases expire.
         """
-        message = LeaseRequestMsg(req=self._take_req(), actor_id=self.actor_id, n=n, renew=list(renew))
+        message = LeaseRequestMsg(
+            req=self._take_req(),
+            actor_id=self.actor_id,
+            n=n,
+            renew=list(renew),
+            release_others=self._first_lease_request,
+        )
+        self._first_lease_request = False
         pending = self._request(
             message, lambda m: isinstance(m, LeaseGrantMsg), f"lease request for {n} tree(s)", timeout_s
         )

@@ -103,6 +103,9 @@ class LeaseRequestMsg(_Message):
     actor_id: str = Field(min_length=1, max_length=256)
     n: int = Field(ge=0, le=MAX_IDS_PER_REQUEST)
     renew: TreeIdList = Field(default_factory=list)
+    # True on a client's first request: a (re)started actor holds no growing trees of its id beyond
+    # `renew`, so replay drops the others now instead of when their leases run out.
+    release_others: bool = False
 
 
 class LeaseGrantMsg(_Message):

@@ -345,7 +345,9 @@ class ReplayService:
     def _handle_request(self, message: WireMessage) -> list[Any]:
         if isinstance(message, LeaseRequestMsg):
             self.counters.inc("lease_requests")
-            decision = self.store.grant_leases(message.actor_id, message.n, message.renew)
+            decision = self.store.grant_leases(
+                message.actor_id, message.n, message.renew, release_others=message.release_others
+            )
             grant = LeaseGrantMsg(
                 req=message.req,
                 tree_ids=decision.tree_ids,

@@ -66,6 +66,7 @@ COUNTER_NAMES = (
     "next_retire_seq",
     "admission_floor",
     "forfeited_samples",
+    "released",
 )
 
 
@@ -556,12 +557,28 @@ class TreeStore:
 
     # ------------------------------------------------------------------------------ leases
 
-    def grant_leases(self, actor_id: str, n: int, renew: Sequence[str] = ()) -> LeaseDecision:
-        """Admission control: grant up to n new trees, renew the listed growing ones."""
+    def grant_leases(
+        self, actor_id: str, n: int, renew: Sequence[str] = (), release_others: bool = False
+    ) -> LeaseDecision:
+        """Admission control: grant up to n new trees, renew the listed growing ones.
+
+        `release_others` (an actor's first request after it started): its growing trees not in `renew`
+        were abandoned by its previous process, so they are dropped now (counted as `released`).
+        """
 
         def body(txn: lmdb.Transaction) -> LeaseDecision:
             now = self.clock()
             renewed, lost = [], []
+            if release_others:
+                keep = set(renew)
+                abandoned = [
+                    r
+                    for r in self.live.values()
+                    if r.state is TreeState.GROWING and r.actor_id == actor_id and r.tree_id not in keep
+                ]
+                for record in abandoned:
+                    self._drop(txn, record, TreeState.EXPIRED, "actor restarted")
+                    self.counters["released"] += 1
             for tree_id in renew:
                 index = parse_tree_id(tree_id)
                 record = self.live.get(index) if index is not None else None

@@ -932,3 +932,18 @@ def test_lmdb_layout_keeps_a_trees_subtrees_contiguous(kit: SimpleNamespace) -> 
         (1, 1),
         (1, 2),
     ]
+
+
+def test_a_restarted_actor_releases_its_abandoned_growing_trees(kit: SimpleNamespace) -> None:
+    store = kit.open(kit.config(lease_ttl_s=300, trees_per_step=1, max_staleness=1))
+    assert kit.lease(store, 2) == ["0", "1"]  # admission full: (1 + 0 + 1) x 1
+    kit.ingest_ok(store, kit.messages("0")[:1])
+    other = store.grant_leases("someone-else", 1, release_others=True)
+    assert other.tree_ids == [] and store.stats()["growing"] == 2  # other actors' trees are untouched
+    again = store.grant_leases(kit.ACTOR, 1, renew=["1"], release_others=True)
+    assert again.renewed == ["1"] and again.tree_ids == ["2"]  # tree 0 released, its slot reused
+    stats = store.stats()
+    assert (stats["released"], stats["growing"]) == (1, 2)
+    assert kit.disk_record(store, "0").state is TreeState.EXPIRED
+    assert store.grant_leases(kit.ACTOR, 0).renewed == []  # without the flag nothing more is dropped
+    assert store.stats()["growing"] == 2
