@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -198,6 +200,35 @@ class LocalRun:
         self.console.print(f"held-out EM ({label}): {em:.1f}" if em is not None else f"eval {label}: no EM")
         return em
 
+    def _evaluate_checkpoint(self, label: str, step: int) -> float | None:
+        """Evaluate the newest complete checkpoint's model; a failure is logged, not fatal.
+
+        The model directory is first hard-linked (copied where links fail) under eval/models/, because
+        the learner prunes old checkpoints while an evaluation may still be reading one.
+        """
+        latest = checkpoint.latest(self.paths.checkpoints)
+        if latest is None:
+            log.warning("no complete checkpoint to evaluate", label=label)
+            return None
+        snapshot = self.paths.evals / "models" / label
+        try:
+            if snapshot.exists():
+                shutil.rmtree(snapshot)
+            shutil.copytree(latest / checkpoint.MODEL_DIR, snapshot, copy_function=_link_or_copy)
+        except (OSError, shutil.Error) as error:
+            log.warning("checkpoint vanished before it could be evaluated", label=label, error=str(error))
+            return None
+        try:
+            return self.evaluate(snapshot, label, step)
+        except RuntimeError as error:
+            log.warning("evaluation failed", label=label, error=str(error))
+            self.supervisor_events(f"evaluation {label} failed: {error}")
+            return None
+
+    def supervisor_events(self, text: str) -> None:
+        if self.supervisor is not None:
+            self.supervisor.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+
     def _role_specs(self, model_dir: Path) -> list[RoleSpec]:
         config, metrics, logs = str(self.paths.config), self.paths.metrics, self.paths.logs
         model = f"model.dir={model_dir}"
@@ -281,10 +312,8 @@ class LocalRun:
                 self.history.add(self.tail.read_new())
                 step = self.history.learner_steps[-1]["step"] if self.history.learner_steps else 0
                 if step >= next_eval_step:
-                    latest = checkpoint.latest(self.paths.checkpoints)
-                    if latest is not None:
-                        self.evaluate(latest / checkpoint.MODEL_DIR, f"step-{step}", step)
-                        self.phase = "training"
+                    self._evaluate_checkpoint(f"step-{step}", step)
+                    self.phase = "training"
                     next_eval_step = step + self.config.supervisor.eval_every_steps
                 if live is not None:
                     live.update(self._view())
@@ -330,10 +359,9 @@ class LocalRun:
             else:
                 self.eval_records.emit("eval", label="warmstart", step=0, em=self.em_warmstart, seconds=0.0)
             stopped_by = self.train(model_dir) if not self.interrupted else "interrupted"
-            latest = checkpoint.latest(self.paths.checkpoints)
-            if latest is not None and not self.interrupted:
+            if not self.interrupted:
                 step = self.history.learner_steps[-1]["step"] if self.history.learner_steps else 0
-                self.em_final = self.evaluate(latest / checkpoint.MODEL_DIR, "final", step)
+                self.em_final = self._evaluate_checkpoint("final", step)
         finally:
             signal.signal(signal.SIGINT, previous)
             self.eval_records.close()
@@ -375,6 +403,13 @@ class LocalRun:
             "events": self.supervisor.events if self.supervisor else [],
             "out_dir": str(self.paths.out),
         }
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def headline_em(report: dict[str, Any]) -> float | None:
