@@ -79,6 +79,7 @@ def tiny_run_args(tmp_path: Path, minutes: float) -> list[str]:
     return args
 
 
+@pytest.mark.timeout(600)
 def test_short_run_trains_evaluates_and_reports(tmp_path: Path) -> None:
     result = subprocess.run([*at2po(), *tiny_run_args(tmp_path, 4.0)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -134,10 +135,11 @@ def learner_steps(run: Path) -> list[dict[str, object]]:
     return [r for r in records if r.get("name") == "learner_step"]
 
 
+@pytest.mark.timeout(900)
 def test_supervisor_survives_kill_9_of_every_role(tmp_path: Path) -> None:
     run = tmp_path / "run"
     process = subprocess.Popen(
-        [*at2po(), *tiny_run_args(tmp_path, 7.0)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*at2po(), *tiny_run_args(tmp_path, 5.0)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         wait_for(lambda: len(learner_steps(run)) >= 2, 360, "two learner steps")
