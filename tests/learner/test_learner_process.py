@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,22 +15,12 @@ from transformers import AutoModelForCausalLM
 
 from learner import checkpoint
 from tests.learner.trees import save_tiny_policy
+from tests.support import at2po, free_endpoint
 
 pytestmark = pytest.mark.slow
 
 SCRIPTED_ACTOR = Path(__file__).with_name("scripted_actor.py")
 REPO = Path(__file__).resolve().parents[2]
-
-
-def at2po() -> list[str]:
-    script = Path(sys.executable).parent / "at2po"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "ops.cli"]
-
-
-def free_endpoint() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
 def write_config(tmp_path: Path, model_dir: Path) -> Path:

@@ -20,44 +20,7 @@ from learner.packing import (
     tree_segments,
     unique_tokens,
 )
-
-VOCAB = 300
-
-
-def random_tree(rng: np.random.Generator, name: str, task: str = "task", levels: int = 3) -> TurnTree:
-    """Root prompt of ~5 tokens, up to `levels` turn levels, 1–3 children per node, rewards on leaves."""
-    nodes: list[TurnNode] = [
-        TurnNode(0, -1, 0, rng.integers(0, VOCAB, int(rng.integers(4, 7))), [], [], [], FinishReason.PROMPT)
-    ]
-    frontier = [0]
-    next_id = 1
-    for level in range(1, levels + 1):
-        new_frontier: list[int] = []
-        for parent in frontier:
-            for _ in range(int(rng.integers(1, 4))):
-                new_frontier.append(next_id)
-                n_obs = int(rng.integers(0, 4)) if level > 1 else 0
-                n_gen = int(rng.integers(1, 5))
-                nodes.append(
-                    TurnNode(
-                        next_id,
-                        parent,
-                        level,
-                        rng.integers(0, VOCAB, n_obs),
-                        rng.integers(0, VOCAB, n_gen),
-                        -rng.random(n_gen).astype(np.float32),
-                        np.zeros(n_gen, dtype=np.int32),
-                        FinishReason.ANSWER if level == levels else FinishReason.TOOL_CALL,
-                        entropy=float(rng.random() * 2.0),
-                        reward=float(rng.random()) if level == levels else None,
-                        is_leaf=level == levels,
-                    )
-                )
-                next_id += 1
-        frontier = new_frontier
-    tree = TurnTree.from_nodes(name, task, "actor", nodes)
-    tree.validate()
-    return tree
+from tests.learner.trees import VOCAB, random_tree
 
 
 def chain_tree(rng: np.random.Generator) -> TurnTree:

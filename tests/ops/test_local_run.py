@@ -6,13 +6,13 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.support import at2po
 
 pytestmark = pytest.mark.slow
 
@@ -33,17 +33,6 @@ SUMMARY_KEYS = {
     "staleness_max",
     "restarts",
 }
-
-
-def at2po() -> list[str]:
-    script = Path(sys.executable).parent / "at2po"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "ops.cli"]
-
-
-def free_endpoint() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
 def tiny_run_args(tmp_path: Path, minutes: float) -> list[str]:
