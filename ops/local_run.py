@@ -294,38 +294,40 @@ class LocalRun:
         next_log = 0.0
         next_eval_step = self.config.supervisor.eval_every_steps or math.inf
         live = Live(self._view(), console=self.console, refresh_per_second=2) if live_on else None
-        with live if live is not None else contextlib.nullcontext():
-            while True:
-                if self.interrupted:
-                    reason = "interrupted"
-                    break
-                if time.monotonic() >= deadline:
-                    break
-                if self.token_budget is not None and self.generated_tokens() >= self.token_budget:
-                    reason = "token budget"
-                    break
-                supervisor.check()
-                self._write_roles(supervisor)
-                if supervisor.roles["learner"].state == "failed":
-                    reason = "learner failed"
-                    break
-                self.history.add(self.tail.read_new())
-                step = self.history.learner_steps[-1]["step"] if self.history.learner_steps else 0
-                if step >= next_eval_step:
-                    self._evaluate_checkpoint(f"step-{step}", step)
-                    self.phase = "training"
-                    next_eval_step = step + self.config.supervisor.eval_every_steps
-                if live is not None:
-                    live.update(self._view())
-                elif time.monotonic() >= next_log:
-                    next_log = time.monotonic() + 30.0
-                    log.info("run progress", **_loggable(self.history.snapshot(time.time())))
-                time.sleep(0.5)
-        self.phase = "stopping"
-        self.console.print(f"stopping roles ({reason})")
-        supervisor.stop([[n for n in supervisor.roles if n.startswith("actor")], ["learner"], ["replay"]])
-        self._write_roles(supervisor)
-        self.history.add(self.tail.read_new())
+        try:
+            with live if live is not None else contextlib.nullcontext():
+                while True:
+                    if self.interrupted:
+                        reason = "interrupted"
+                        break
+                    if time.monotonic() >= deadline:
+                        break
+                    if self.token_budget is not None and self.generated_tokens() >= self.token_budget:
+                        reason = "token budget"
+                        break
+                    supervisor.check()
+                    self._write_roles(supervisor)
+                    if supervisor.roles["learner"].state == "failed":
+                        reason = "learner failed"
+                        break
+                    self.history.add(self.tail.read_new())
+                    step = self.history.learner_steps[-1]["step"] if self.history.learner_steps else 0
+                    if step >= next_eval_step:
+                        self._evaluate_checkpoint(f"step-{step}", step)
+                        self.phase = "training"
+                        next_eval_step = step + self.config.supervisor.eval_every_steps
+                    if live is not None:
+                        live.update(self._view())
+                    elif time.monotonic() >= next_log:
+                        next_log = time.monotonic() + 30.0
+                        log.info("run progress", **_loggable(self.history.snapshot(time.time())))
+                    time.sleep(0.5)
+        finally:  # whatever ends the loop (an error too), no role outlives the run
+            self.phase = "stopping"
+            self.console.print(f"stopping roles ({reason})")
+            supervisor.stop([[n for n in supervisor.roles if n.startswith("actor")], ["learner"], ["replay"]])
+            self._write_roles(supervisor)
+            self.history.add(self.tail.read_new())
         return reason
 
     def _write_roles(self, supervisor: Supervisor) -> None:

@@ -10,15 +10,18 @@ Decided here:
 - Stopping sends SIGTERM to the roles in the given order, waiting up to `grace_s` for each group,
   then SIGKILL. Every child is in its own process group, so a Ctrl-C at the terminal reaches the
   supervisor only, which then stops the roles in order (actors first, so nothing new is generated;
-  the learner next, which checkpoints; replay last, which commits what was acked).
+  the learner next, which checkpoints; replay last, which commits what was acked). On Linux each child
+  also gets SIGTERM if the supervisor itself dies (PR_SET_PDEATHSIG), so no role is left orphaned.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +54,16 @@ class RoleHealth:
     last_exit: int | None
 
 
+def _die_with_parent() -> None:
+    """In the child (Linux): SIGTERM when the supervisor dies, even by SIGKILL, so no role is orphaned."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 class ManagedRole:
     """One role's process and its restart bookkeeping."""
 
@@ -75,6 +88,7 @@ class ManagedRole:
             stdin=subprocess.DEVNULL,
             env={**os.environ, **self.spec.env},
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self.started_at = time.monotonic()
         self.state = "running"

@@ -85,3 +85,37 @@ def test_a_role_that_ignores_sigterm_is_killed(tmp_path: Path) -> None:
     wait_for(lambda: "ready" in (tmp_path / "s.log").read_text())
     supervisor.stop([["stubborn"]])
     assert supervisor.health()[0].last_exit == -9
+
+
+def test_roles_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    """SIGKILL of the supervisor process: its role gets SIGTERM from the kernel (PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import subprocess
+
+    marker = tmp_path / "child.pid"
+    child = tmp_path / "child.py"
+    child.write_text(f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from ops.roles import RoleSpec, Supervisor\n"
+        f"spec = RoleSpec('r', [sys.executable, {str(child)!r}], Path({str(tmp_path / 'r.log')!r}))\n"
+        "Supervisor([spec], 0, 5).start()\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2])
+    wait_for(lambda: marker.is_file() and marker.read_text().strip() != "")
+    child_pid = int(marker.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(timeout=10)
+
+    def gone() -> bool:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{child_pid}/stat") as stat:  # a zombie re-parented to init counts as gone
+            return stat.read().split()[2] == "Z"
+
+    wait_for(gone)
