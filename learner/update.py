@@ -107,6 +107,9 @@ class _Micro:
     ref_logp: Tensor | None = None
 
 
+_SUMMED_ELSEWHERE = ("loss", "policy_loss", "num_tokens", "num_units", "is_masked_units")
+
+
 @dataclass
 class _MetricSums:
     """Token-weighted sums of the loss metrics, plus extremes, reduced over ranks at the end."""
@@ -123,7 +126,7 @@ class _MetricSums:
                 self.maxima[key] = max(self.maxima.get(key, -math.inf), value)
             elif key.endswith("_min"):
                 self.minima[key] = min(self.minima.get(key, math.inf), value)
-            elif key not in ("loss", "policy_loss", "num_tokens", "num_units", "is_masked_units"):
+            elif key not in _SUMMED_ELSEWHERE:
                 self.weighted[key] = self.weighted.get(key, 0.0) + value * tokens
 
 
@@ -182,6 +185,24 @@ class PolicyUpdater:
         self.trees_skipped = 0
         if getattr(settings.loss_config, "kl_coef", 0.0) > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model")
+        self.metric_names = self._probe_metric_names()
+
+    def _probe_metric_names(self) -> list[str]:
+        """The loss's metric names, from a 2-token input: every rank reduces the same vector, even a rank
+        that had no tree to train in a batch (a mismatch would break the collective)."""
+        zeros = torch.zeros(2)
+        probe = PolicyLossInput(
+            logp=zeros,
+            prox_logp=zeros,
+            behav_logp=zeros,
+            adv_pos=zeros.double(),
+            adv_neg=zeros.double(),
+            loss_mask=torch.ones(2, dtype=torch.bool),
+            turn_index=torch.zeros(2, dtype=torch.long),
+            seq_index=torch.zeros(2, dtype=torch.long),
+            ref_logp=zeros if self.ref_model is not None else None,
+        )
+        return sorted(self.settings.loss(probe, self.settings.loss_config).metrics)
 
     @property
     def rank(self) -> int:
@@ -312,15 +333,18 @@ class PolicyUpdater:
     def _reduce(
         self, sums: _MetricSums, entropy_sum: float, turn_entropies: list[float], loss: float, tokens: int
     ) -> dict[str, float]:
-        keys = sorted(sums.weighted)
+        names = self.metric_names
+        max_keys = [k for k in names if k.endswith("_max")]
+        min_keys = [k for k in names if k.endswith("_min")]
+        keys = [k for k in names if k not in max_keys and k not in min_keys and k not in _SUMMED_ELSEWHERE]
         vector = torch.tensor(
             [sums.tokens, entropy_sum, sum(turn_entropies), float(len(turn_entropies)), loss, float(tokens)]
-            + [sums.weighted[k] for k in keys],
+            + [sums.weighted.get(k, 0.0) for k in keys],
             dtype=torch.float64,
         )
-        max_keys, min_keys = sorted(sums.maxima), sorted(sums.minima)
         extremes = torch.tensor(
-            [sums.maxima[k] for k in max_keys] + [-sums.minima[k] for k in min_keys], dtype=torch.float64
+            [sums.maxima.get(k, -math.inf) for k in max_keys] + [-sums.minima.get(k, math.inf) for k in min_keys],
+            dtype=torch.float64,
         )
         if self.world_size > 1:
             torch_dist.all_reduce(vector)
@@ -329,9 +353,11 @@ class PolicyUpdater:
         total, ent, turn_sum, turn_n, loss_sum, packed = (float(v) for v in vector[:6])
         out = {k: float(v) / total if total else 0.0 for k, v in zip(keys, vector[6:].tolist(), strict=True)}
         for i, key in enumerate(max_keys):
-            out[key] = float(extremes[i])
+            value = float(extremes[i])
+            out[key] = value if math.isfinite(value) else math.nan
         for i, key in enumerate(min_keys):
-            out[key] = -float(extremes[len(max_keys) + i])
+            value = -float(extremes[len(max_keys) + i])
+            out[key] = value if math.isfinite(value) else math.nan
         out["loss"] = loss_sum
         out["loss_tokens"] = total
         out["packed_tokens"] = packed

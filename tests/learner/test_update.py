@@ -217,20 +217,20 @@ def test_bf16_zero2_update_runs(policy_dir: Path) -> None:
     assert any(not torch.equal(before[k], v) for k, v in params(up).items())
 
 
-def _rank_update(rank: int, policy_dir: str, port: int, zero_stage: int, out_dir: str) -> None:
+def _rank_update(rank: int, policy_dir: str, port: int, zero_stage: int, out_dir: str, n_groups: int) -> None:
     torch.set_num_threads(1)
     cfg = LearnerConfig(lr=1e-3, zero_stage=zero_stage, micro_batch_tokens=60)
     dist = DistributedSpec(rank=rank, world_size=2, master_port=port)
     up = PolicyUpdater(TrainEngine(load_train_model(policy_dir), cfg, dist), UpdateSettings.from_config(cfg))
-    metrics = up.update(groups_for(10, n=5), 0)
+    metrics = up.update(groups_for(10, n=n_groups), 0)
     state = {k: v.detach().clone() for k, v in up.engine.module.state_dict().items()}
     torch.save({"params": state, "metrics": metrics}, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize(("zero_stage", "n_groups"), [(0, 5), (2, 5), (0, 1)], ids=["zero0", "zero2", "one-rank-idle"])
 def test_two_ranks_make_the_same_step_as_one(
-    policy_dir: Path, tmp_path: Path, zero_stage: int, monkeypatch: pytest.MonkeyPatch
+    policy_dir: Path, tmp_path: Path, zero_stage: int, n_groups: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Data parallel: each rank trains on its share; averaged gradients must equal the one-process step."""
     import torch.multiprocessing as mp
@@ -238,14 +238,14 @@ def test_two_ranks_make_the_same_step_as_one(
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))  # spawned ranks re-import this module
     mp.start_processes(
         _rank_update,
-        args=(str(policy_dir), free_port(), zero_stage, str(tmp_path)),
+        args=(str(policy_dir), free_port(), zero_stage, str(tmp_path), n_groups),
         nprocs=2,
         start_method="spawn",
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert_params_close(ranks[0]["params"], ranks[1]["params"], atol=0)
     single = updater(policy_dir, zero_stage=zero_stage, micro_batch_tokens=60)
-    metrics = single.update(groups_for(10, n=5), 0)
+    metrics = single.update(groups_for(10, n=n_groups), 0)
     assert_same_step(params(single), ranks[0]["params"])
     assert ranks[0]["metrics"]["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-5)
     assert ranks[0]["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=1e-5, abs=1e-9)

@@ -68,17 +68,12 @@ def tiny_run_args(tmp_path: Path, minutes: float) -> list[str]:
     return args
 
 
-@pytest.mark.timeout(600)
-def test_short_run_trains_evaluates_and_reports(tmp_path: Path) -> None:
-    result = subprocess.run([*at2po(), *tiny_run_args(tmp_path, 4.0)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "run"
+def check_run_outputs(run: Path, stdout: str) -> dict[str, object]:
+    """The files and keys every finished run leaves, whatever happened during it."""
     summary = json.loads((run / "summary.json").read_text())
     assert summary.keys() >= SUMMARY_KEYS
     assert summary["learner_steps"] >= 1 and summary["trees_done"] >= 2
     assert 0.0 <= summary["em_warmstart"] <= 100.0 and 0.0 <= summary["em_final"] <= 100.0
-    assert summary["minutes"] <= 4.5
-    assert summary["staleness_max"] is None or summary["staleness_max"] <= 1
     for name in (
         "config.toml",
         "report.md",
@@ -95,10 +90,11 @@ def test_short_run_trains_evaluates_and_reports(tmp_path: Path) -> None:
         assert (run / name).is_file(), name
     for role in ("replay", "actor-0", "actor-1", "learner"):
         assert (run / "metrics" / f"{role}.jsonl").is_file(), role
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == summary
+    assert json.loads(stdout.strip().splitlines()[-1]) == summary
     # The same config file starts a role by hand.
     shown = subprocess.run([*at2po(), "config", "show", "--config", str(run / "config.toml")], capture_output=True)
     assert shown.returncode == 0
+    return summary
 
 
 def roles(run: Path) -> dict[str, dict[str, object]]:
@@ -125,7 +121,9 @@ def learner_steps(run: Path) -> list[dict[str, object]]:
 
 
 @pytest.mark.timeout(900)
-def test_supervisor_survives_kill_9_of_every_role(tmp_path: Path) -> None:
+def test_short_run_survives_kill_9_of_every_role_and_reports(tmp_path: Path) -> None:
+    """One short `at2po run` (CI time is scarce): every role is killed once; it still trains, evaluates,
+    and writes its summary and report."""
     run = tmp_path / "run"
     process = subprocess.Popen(
         [*at2po(), *tiny_run_args(tmp_path, 5.0)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -144,7 +142,7 @@ def test_supervisor_survives_kill_9_of_every_role(tmp_path: Path) -> None:
             )
             steps_now = len(learner_steps(run))
             wait_for(lambda s=steps_now: len(learner_steps(run)) > s, 180, f"training going on after killing {name}")
-        _, err = process.communicate(timeout=600)
+        out, err = process.communicate(timeout=600)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -153,7 +151,8 @@ def test_supervisor_survives_kill_9_of_every_role(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
     assert process.returncode == 0, err[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
+    summary = check_run_outputs(run, out)
+    assert summary["minutes"] <= 5.5
     assert summary["restarts"] == {"replay": 1, "actor-0": 1, "actor-1": 0, "learner": 1}
 
     steps = learner_steps(run)
