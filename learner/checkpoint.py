@@ -29,7 +29,9 @@ STATE_FILE = "learner_state.json"
 HELD_FILE = "held_trees.bin"
 ENGINE_DIR = "deepspeed"
 MODEL_DIR = "model"
-_MODEL_FILES = (".safetensors", ".bin", "config.json")  # what save_pretrained writes; the rest is copied
+# What save_pretrained writes (weights by suffix, the rest by name); every other file of the source is copied.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+_MODEL_FILE_NAMES = frozenset({"config.json"})
 ENGINE_TAG = "ds"
 _NAME = re.compile(r"^v(\d{8})$")
 
@@ -98,7 +100,8 @@ def export_model(module: Any, source_dir: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     module.save_pretrained(target, safe_serialization=True)
     for file in source_dir.iterdir():
-        if file.is_file() and not file.name.endswith(_MODEL_FILES) and not (target / file.name).exists():
+        written_by_model = file.name.endswith(_WEIGHT_SUFFIXES) or file.name in _MODEL_FILE_NAMES
+        if file.is_file() and not written_by_model and not (target / file.name).exists():
             shutil.copy2(file, target / file.name)
 
 

@@ -54,3 +54,33 @@ def test_prepare_dir_clears_a_leftover(tmp_path: Path) -> None:
     (path / "junk").write_text("x")
     fresh = checkpoint.prepare_dir(tmp_path, 4)
     assert list(fresh.iterdir()) == []
+
+
+class SavesWeightsAndConfig:
+    """Writes what `save_pretrained` writes: weights and config.json."""
+
+    def save_pretrained(self, target: Path, safe_serialization: bool = True) -> None:
+        (target / "model.safetensors").write_bytes(b"new weights")
+        (target / "config.json").write_text('{"new": true}')
+
+
+def test_export_keeps_the_tokenizer_files_and_the_new_weights(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    for name, text in {
+        "model.safetensors": "old weights",
+        "model.safetensors.index.json": "{}",
+        "config.json": '{"old": true}',
+        "tokenizer.json": "{}",
+        "tokenizer_config.json": '{"eos_token": "<|im_end|>"}',
+        "generation_config.json": "{}",
+        "chat_template.jinja": "template",
+    }.items():
+        (source / name).write_text(text)
+    checkpoint.export_model(SavesWeightsAndConfig(), source, tmp_path / "out")
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").read_bytes() == b"new weights"
+    assert (out / "config.json").read_text() == '{"new": true}'
+    assert (out / "tokenizer_config.json").read_text() == '{"eos_token": "<|im_end|>"}'
+    assert {"tokenizer.json", "generation_config.json", "chat_template.jinja"} <= {p.name for p in out.iterdir()}
+    assert not (out / "model.safetensors.index.json").exists()  # an old shard index would point at old shards
