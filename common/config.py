@@ -283,6 +283,13 @@ class SftConfig(_Section):
     demos: str | None = Field(None, description="JSONL of chat demonstrations; unset = made from the synthetic world")
     n_demos: int = Field(1500, ge=1, description="demonstrations made from the training split")
     imperfect_fraction: float = Field(0.3, ge=0, le=1, description="share of made demonstrations with a mistake")
+    demo_worlds: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="synthetic world: worlds the demonstrations are drawn from (the training world plus fresh-named "
+        "ones), so the policy learns to copy names rather than memorise them",
+    )
     epochs: int = Field(3, ge=1, description="passes over the demonstrations")
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the warm start")
     micro_batch_tokens: int = Field(8192, ge=1, description="most tokens per forward")

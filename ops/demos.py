@@ -24,6 +24,13 @@ JSONL format, one demonstration per line::
   correct, and every hop's observation holds that hop's answer, so no perfect demo teaches a guess).
 - `reward`: the score of the episode under the config's reward function, when known.
 
+Demonstration worlds (`sft.demo_worlds`, synthetic world only): the demonstrations are dealt evenly over the run's
+training world and worlds of other seeds with fresh names. A tiny policy trained on one world memorises its
+names and cannot copy an unseen name from a question or an observation. Measured on the held-out world (teacher
+forced; the 2-layer tiny policy; 3,000 demonstrations with 3 retrieved pages each), the first turn (question
+copied, query written) came out exactly for 2% of the tasks after 10 epochs on one world, and for 45% after 8
+epochs on 11 worlds.
+
 Imperfect demonstrations (`sft.imperfect_fraction` of them, slots drawn with `sft.seed`) make one
 plausible mistake, so that the warm-started policy is not already perfect and RL has something to learn:
 - `wrong_answer`: the oracle searches, then a wrong answer of the right type (the gold answer of another
@@ -333,11 +340,11 @@ async def make_demonstrations_async(
     tasks: Sequence[Task],
     env: ToolEnvironment,
     n: int,
-    imperfect_fraction: float,
+    n_imperfect: int,
     seed: int,
     stats: DemoStats | None = None,
 ) -> list[Demonstration]:
-    """`n` demonstrations over `tasks` (cycled in a seeded order), round(n * fraction) of them imperfect."""
+    """`n` demonstrations over `tasks` (cycled in a seeded order), `n_imperfect` of them imperfect."""
     stats = stats if stats is not None else DemoStats()
     if SEARCH_TOOL not in env.tool_names:
         raise ConfigError("env.tools: demonstrations of oracle search paths need the search tool")
@@ -348,7 +355,7 @@ async def make_demonstrations_async(
             "(only the synthetic world's tasks carry one); set sft.demos to a JSONL of demonstrations"
         )
     rng = random.Random(seed)
-    imperfect_slots = set(rng.sample(range(n), round(n * imperfect_fraction)))
+    imperfect_slots = set(rng.sample(range(n), min(n, n_imperfect)))
     writer = TurnWriter(env.protocol.name)
     pool = GuessPool(tasks)
     source = _task_cycle(usable, rng)
@@ -383,14 +390,53 @@ async def make_demonstrations_async(
     return demos
 
 
+DEMO_WORLD_STRIDE = 1000  # seeds of the extra demonstration worlds: train_seed + k * stride (the test seed skipped)
+
+
+def demo_world_configs(config: RunConfig) -> list[RunConfig]:
+    """The configs whose training splits the demonstrations come from: the run's own first, then, for the synthetic
+    world, `sft.demo_worlds - 1` worlds of other seeds (each generated beside `tasks.data_dir`, as
+    `<data_dir>-demo-worlds/seed<N>`, together with the test world so that no name repeats a held-out one)."""
+    tasks = config.tasks
+    configs = [config]
+    if tasks.source != "synthetic_world":
+        return configs
+    root = Path(tasks.data_dir)
+    seed = tasks.train_seed
+    while len(configs) < config.sft.demo_worlds:
+        seed += DEMO_WORLD_STRIDE
+        if seed == tasks.test_seed:
+            continue
+        world = tasks.model_copy(
+            update={"train_seed": seed, "data_dir": str(root.with_name(f"{root.name}-demo-worlds") / f"seed{seed}")}
+        )
+        configs.append(config.model_copy(update={"tasks": world}))
+    return configs
+
+
+def split_count(total: int, parts: int) -> list[int]:
+    """`total` dealt over `parts` as evenly as possible, the first parts taking the remainder."""
+    return [total // parts + (k < total % parts) for k in range(parts)]
+
+
 def make_demonstrations(config: RunConfig, n: int | None = None, stats: DemoStats | None = None) -> list[Demonstration]:
-    """Demonstrations from the config's training split, played in the environment the actor would build."""
+    """Demonstrations from the training splits of the demonstration worlds, each played in the environment the
+    actor would build for that world; world k uses seed `sft.seed + k` for its choices."""
     from tools_env.factory import build_environment, prepare_tasks
 
-    splits = prepare_tasks(config)
-    env = build_environment(config, splits.corpus_path)
     sft = config.sft
     count = sft.n_demos if n is None else n
     if count < 1:
         raise ConfigError("sft.n_demos: at least one demonstration is needed")
-    return asyncio.run(make_demonstrations_async(splits.train, env, count, sft.imperfect_fraction, sft.seed, stats))
+    stats = stats if stats is not None else DemoStats()
+    worlds = demo_world_configs(config)
+    shares = split_count(count, len(worlds))
+    imperfect = split_count(round(count * sft.imperfect_fraction), len(worlds))
+    demos: list[Demonstration] = []
+    for k, (world, share, n_imperfect) in enumerate(zip(worlds, shares, imperfect, strict=True)):
+        if share == 0:
+            continue
+        splits = prepare_tasks(world)
+        env = build_environment(world, splits.corpus_path)
+        demos += asyncio.run(make_demonstrations_async(splits.train, env, share, n_imperfect, sft.seed + k, stats))
+    return demos

@@ -199,6 +199,7 @@ def test_warm_start_lowers_loss_on_held_out_demonstrations(tmp_path: Path) -> No
         "tasks.n_test=2",
         f"model.dir={json.dumps(str(model_dir))}",
         "sft.n_demos=30",
+        "sft.demo_worlds=2",
         "sft.epochs=3",
         "sft.batch_tokens=4096",
         "sft.holdout_fraction=0.2",

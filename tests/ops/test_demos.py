@@ -11,18 +11,22 @@ from typer.testing import CliRunner
 
 from common.config import ConfigError, RunConfig, build_config
 from ops.demos import (
+    DEMO_WORLD_STRIDE,
     MISTAKES,
     DemoFormatError,
     Demonstration,
     DemoStats,
+    demo_world_configs,
     make_demonstrations,
     oracle_hops,
     read_demos,
+    split_count,
     write_demos,
 )
 from ops.sft_cmd import sft_app
 from tools_env.factory import prepare_tasks
 from tools_env.scoring import exact_match
+from tools_env.task import Task
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,12 @@ def world_overrides(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def config_with(overrides: list[str], *extra: str) -> RunConfig:
-    return build_config({}, [*overrides, *extra])
+    return build_config({}, [*overrides, "sft.demo_worlds=3", *extra])
+
+
+def training_tasks(config: RunConfig) -> dict[str, Task]:
+    """Every task of every demonstration world's training split, by id."""
+    return {task.task_id: task for world in demo_world_configs(config) for task in prepare_tasks(world).train}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +55,7 @@ def test_perfect_demos_follow_the_oracle_path_and_score_correct(
     made: tuple[list[Demonstration], DemoStats, RunConfig],
 ) -> None:
     demos, _, config = made
-    tasks = {task.task_id: task for task in prepare_tasks(config).train}
+    tasks = training_tasks(config)
     perfect = [demo for demo in demos if demo.perfect]
     assert perfect
     for demo in perfect:
@@ -67,7 +76,7 @@ def test_imperfect_demos_make_one_named_mistake_and_are_not_correct(
     made: tuple[list[Demonstration], DemoStats, RunConfig],
 ) -> None:
     demos, stats, config = made
-    tasks = {task.task_id: task for task in prepare_tasks(config).train}
+    tasks = training_tasks(config)
     imperfect = [demo for demo in demos if not demo.perfect]
     assert len(imperfect) == round(24 * 0.5) == stats.imperfect
     assert stats.made == 24
@@ -82,7 +91,7 @@ def test_imperfect_demos_make_one_named_mistake_and_are_not_correct(
 
 def test_prompt_messages_are_the_environments(made: tuple[list[Demonstration], DemoStats, RunConfig]) -> None:
     demos, _, config = made
-    tasks = {task.task_id: task for task in prepare_tasks(config).train}
+    tasks = training_tasks(config)
     for demo in demos[:3]:
         roles = [m["role"] for m in demo.messages]
         first_assistant = roles.index("assistant")
@@ -201,3 +210,36 @@ def test_cli_bad_config_exits_2(world_overrides: list[str], tmp_path: Path) -> N
     result = CliRunner().invoke(root_app(), args)
     assert result.exit_code == 2
     assert "search tool" in result.output
+
+
+def test_demos_come_from_several_worlds_with_their_own_names(
+    made: tuple[list[Demonstration], DemoStats, RunConfig],
+) -> None:
+    demos, _, config = made
+    worlds = demo_world_configs(config)
+    assert [w.tasks.train_seed for w in worlds] == [0, DEMO_WORLD_STRIDE, 2 * DEMO_WORLD_STRIDE]
+    assert all(w.tasks.test_seed == config.tasks.test_seed for w in worlds)
+    by_world = [{t.task_id for t in prepare_tasks(w).train} for w in worlds]
+    assert [sum(d.task_id in ids for d in demos) for ids in by_world] == split_count(24, 3) == [8, 8, 8]
+    answers = [{t.golden_answers[0] for t in prepare_tasks(w).train} for w in worlds]
+    held_out = {t.golden_answers[0] for t in prepare_tasks(config).test}
+    entity = [{a for a in names if not a.isdigit()} for names in answers]
+    assert not entity[0] & entity[1] and not entity[1] & entity[2]  # fresh names in each world
+    assert not (entity[1] | entity[2]) & held_out  # and none of them is a held-out answer
+
+
+def test_one_world_and_other_sources_use_only_the_training_split(world_overrides: list[str]) -> None:
+    assert len(demo_world_configs(config_with(world_overrides, "sft.demo_worlds=1"))) == 1
+    arithmetic = build_config({}, ["tasks.source=arithmetic", "sft.demo_worlds=5"])
+    assert demo_world_configs(arithmetic) == [arithmetic]
+
+
+def test_the_test_world_is_never_a_demonstration_world(world_overrides: list[str]) -> None:
+    config = config_with(world_overrides, f"tasks.test_seed={DEMO_WORLD_STRIDE}", "sft.demo_worlds=3")
+    seeds = [w.tasks.train_seed for w in demo_world_configs(config)]
+    assert DEMO_WORLD_STRIDE not in seeds and len(set(seeds)) == 3
+
+
+def test_split_count() -> None:
+    assert split_count(10, 3) == [4, 3, 3]
+    assert split_count(2, 4) == [1, 1, 0, 0]

@@ -42,6 +42,7 @@ def tiny_run_args(tmp_path: Path, minutes: float) -> list[str]:
         "sft.out_dir": tmp_path / "warmstart",
         "sft.n_demos": 40,
         "sft.epochs": 1,
+        "sft.demo_worlds": 2,
         "tasks.data_dir": tmp_path / "world",
         "tasks.n_train": 60,
         "tasks.n_test": 8,
