@@ -257,8 +257,16 @@ class LearnerConfig(_Section):
     minibatches: int = Field(1, ge=1, description="optimizer steps per sampled batch (PPO mini-batches)")
     ppo_epochs: int = Field(1, ge=1, description="passes over each sampled batch")
     packing: bool = Field(True, description="lay each tree out once (tree attention); false = one row per path")
+    packed_layout: Literal["tree", "segments"] = Field(
+        "tree",
+        description="packed: tree = each tree one flat row, attention reuses every ancestor's keys/values "
+        "(llama, qwen2, qwen3, mistral without sliding window; other models fall back to segments); "
+        "segments = subtrees of segment_tokens, each with a dense mask",
+    )
     segment_tokens: int = Field(
-        1536, ge=0, description="packed: cut a tree into subtrees of at most this many tokens; 0 = whole tree"
+        1536,
+        ge=0,
+        description="packed_layout = segments: cut a tree into subtrees of at most this many tokens; 0 = whole tree",
     )
     skip_zero_advantage: bool = Field(
         True, description="do not forward trees whose advantages are all 0 (same step; needs kl_coef = 0)"

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from learner.packing import PackedBatch
+from learner.tree_attention import TREE_MODEL_TYPES, build_tree_plan, supports_tree_attention, use_tree_attention
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -79,6 +80,43 @@ def _forward(
 ) -> tuple[Tensor, Tensor | None]:
     if temperature <= 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = next(model.parameters()).device
+    total = batch.num_tokens
+    if total == 0:
+        empty = torch.zeros(0, dtype=torch.float32, device=device)
+        return empty, (empty if with_entropy else None)
+    prev = batch.prev_index.to(device)
+    has_prev = prev >= 0
+    if batch.segment_attention is None:
+        rows = _tree_logits(model, batch, prev[has_prev], device)
+    else:
+        rows = _segment_logits(model, batch, prev[has_prev].cpu(), device)
+    targets = batch.input_ids.to(device)[has_prev]
+    return _pick(rows, targets, (has_prev.nonzero().squeeze(1),), total, temperature, with_entropy)
+
+
+def _tree_logits(model: nn.Module, batch: PackedBatch, source: Tensor, device: torch.device) -> Tensor:
+    """Logits at the `source` tokens of a tree layout: one flat row, tree attention, the head on `source` only."""
+    if not supports_tree_attention(model):
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        raise ValueError(
+            f"the tree layout needs a model tree attention supports ({', '.join(TREE_MODEL_TYPES)}, no sliding "
+            f"window), not {kind!r}: pack with masks (learner.packed_layout = 'segments')"
+        )
+    plan = build_tree_plan(batch.prev_index, _model_dtype(model), device)
+    with use_tree_attention(model):
+        out = model(
+            input_ids=batch.input_ids.to(device)[None],
+            position_ids=batch.position_ids.to(device)[None],
+            use_cache=False,
+            logits_to_keep=source,
+            tree_plan=plan,
+        )
+    return out.logits[0]
+
+
+def _segment_logits(model: nn.Module, batch: PackedBatch, source: Tensor, device: torch.device) -> Tensor:
+    """Logits at the `source` tokens of a masked layout: one padded row per segment, its 4-D mask."""
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if impl not in SUPPORTED_ATTENTION:
@@ -86,11 +124,6 @@ def _forward(
             f"token_logprobs needs an attention kernel that takes a custom 4-D mask ({SUPPORTED_ATTENTION}); "
             f"the model uses {impl!r}: load it with attn_implementation='sdpa'"
         )
-    device = next(model.parameters()).device
-    total = batch.num_tokens
-    if total == 0:
-        empty = torch.zeros(0, dtype=torch.float32, device=device)
-        return empty, (empty if with_entropy else None)
     mask = attention_bias(batch, _model_dtype(model), device)
     segment, offset = segment_index(batch)
     shape = (mask.shape[0], mask.shape[-1])
@@ -104,18 +137,22 @@ def _forward(
         attention_mask=mask,
         use_cache=False,
     )
-    prev = batch.prev_index.to(device)
-    has_prev = prev >= 0
-    source = prev[has_prev].cpu()
-    rows = out.logits[segment[source].to(device), offset[source].to(device)].float() / temperature
-    targets = batch.input_ids.to(device)[has_prev]
+    return out.logits[segment[source].to(device), offset[source].to(device)]
+
+
+def _pick(
+    rows: Tensor, targets: Tensor, where: tuple[Tensor], total: int, temperature: float, with_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Log-prob of each target under its row's tempered softmax (float32), and the rows' entropies, scattered to T."""
+    rows = rows.float()
+    if temperature != 1.0:  # [rows, V] is the biggest tensor of the pass: skip a no-op division
+        rows = rows / temperature
     log_probs = torch.log_softmax(rows, dim=-1)
     picked = log_probs.gather(1, targets[:, None]).squeeze(1)
-    where = (has_prev.nonzero().squeeze(1),)
-    result = torch.zeros(total, dtype=picked.dtype, device=device).index_put(where, picked)
+    result = torch.zeros(total, dtype=picked.dtype, device=rows.device).index_put(where, picked)
     if not with_entropy:
         return result, None
     with torch.no_grad():
         row_entropy = -(log_probs.exp() * log_probs).sum(-1)
-        entropy = torch.zeros(total, dtype=torch.float32, device=device).index_put(where, row_entropy.float())
+        entropy = torch.zeros(total, dtype=torch.float32, device=rows.device).index_put(where, row_entropy.float())
     return result, entropy

@@ -18,7 +18,8 @@ Both give a `PackedBatch` of 1-D tensors over T tokens:
 - segments: attention never crosses trees (packed) or paths (per-path), so the batch is cut into
   segments at each root copy (`segment_starts`), each with its own [L, L] bool mask
   (`segment_attention`, padded to the longest L): i attends j iff j is on the root→i path at or before
-  i. `attention` gives the dense [T, T] view for tests;
+  i. `attention` gives the dense [T, T] view for tests. The tree layout (`pack_trees(..., masks=False)`)
+  builds no masks (None): the attention is implied by `prev_index`, which `learner.tree_attention` reads;
 - `prev_index`: the token predicting i (its predecessor on the path), -1 for the first prompt token;
 - `behav_version`: the policy version that generated each token (-1 off the generated tokens);
 - `turn_index`: a dense id per (tree, node), the same in both layouts, unique across the batch;
@@ -31,7 +32,8 @@ Both give a `PackedBatch` of 1-D tensors over T tokens:
 Because the clipped surrogates of `learner.losses` are linear in (adv_pos, adv_neg) for a fixed token,
 the packed loss and its gradients equal the per-path ones (tests/learner/test_packing.py checks this).
 
-Memory: O(S·L²) for S segments of at most L tokens (a packed tree of 8k tokens is 64 MiB as bool).
+Memory: O(S·L²) for S segments of at most L tokens (a packed tree of 8k tokens is 64 MiB as bool); O(T)
+for the tree layout.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class PackedBatch:
     input_ids: Tensor  # long [T]
     position_ids: Tensor  # long [T]
     segment_starts: Tensor  # long [S], first token of each segment (a tree packed, or one path per-path)
-    segment_attention: Tensor  # bool [S, L, L], L = longest segment; row i of segment s = its token i
+    segment_attention: Tensor | None  # bool [S, L, L], L = longest segment; None = tree layout (see below)
     prev_index: Tensor  # long [T]
     loss_mask: Tensor  # bool [T]
     behav_logp: Tensor  # float32 [T], 0 where not generated
@@ -82,6 +84,14 @@ class PackedBatch:
     def attention(self) -> Tensor:
         """The dense [T, T] view (block-diagonal over segments): for tests and small batches only."""
         dense = torch.zeros((self.num_tokens, self.num_tokens), dtype=torch.bool)
+        if self.segment_attention is None:  # tree layout: a token sees its chain of predecessors
+            prev = self.prev_index.tolist()
+            for i in range(self.num_tokens):
+                j = i
+                while j >= 0:
+                    dense[i, j] = True
+                    j = prev[j]
+            return dense
         for s, (start, length) in enumerate(
             zip(self.segment_starts.tolist(), self.segment_lengths.tolist(), strict=True)
         ):
@@ -90,13 +100,12 @@ class PackedBatch:
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """The same batch on `device` (masses keep float64; the loss casts them)."""
-        moved = {
+        moved: dict[str, Tensor | None] = {
             name: getattr(self, name).to(device)
             for name in (
                 "input_ids",
                 "position_ids",
                 "segment_starts",
-                "segment_attention",
                 "prev_index",
                 "loss_mask",
                 "behav_logp",
@@ -107,6 +116,8 @@ class PackedBatch:
                 "adv_neg",
             )
         }
+        masks = self.segment_attention
+        moved["segment_attention"] = masks.to(device) if masks is not None else None
         return replace(self, **moved)
 
 
@@ -309,6 +320,7 @@ def _build(
     instances: list[_Instance],
     aggregation: Aggregation,
     denominator: float | None,
+    masks: bool = True,
 ) -> PackedBatch:
     """Lay the instances out contiguously; attention/positions follow each instance's ancestor chain."""
     weights, g = _path_weights(trees, credits, aggregation, denominator)
@@ -341,7 +353,7 @@ def _build(
         cursor += size
     bounds = [*starts, total]
     longest = max((b - a for a, b in pairwise(bounds)), default=0)
-    attention = np.zeros((len(starts), longest, longest), dtype=bool)
+    attention = np.zeros((len(starts), longest, longest) if masks else (0, 0, 0), dtype=bool)
     segment = -1
     contexts: list[np.ndarray] = []  # per instance: token indices on its root→end path
     cursor = 0
@@ -359,6 +371,7 @@ def _build(
         if size:
             prev[cursor] = context[-1] if len(context) else -1
             prev[cursor + 1 : cursor + size] = own[:-1]
+        if size and masks:
             local_own, local_context = own - base, context - base
             attention[segment][np.ix_(local_own, local_context)] = True
             attention[segment][local_own[0] : local_own[0] + size, local_own[0] : local_own[0] + size] = np.tril(
@@ -385,7 +398,7 @@ def _build(
         input_ids=torch.from_numpy(input_ids),
         position_ids=torch.from_numpy(positions),
         segment_starts=torch.tensor(starts, dtype=torch.long),
-        segment_attention=torch.from_numpy(attention),
+        segment_attention=torch.from_numpy(attention) if masks else None,
         prev_index=torch.from_numpy(prev),
         loss_mask=torch.from_numpy(loss_mask),
         behav_logp=torch.from_numpy(behav),
@@ -404,14 +417,19 @@ def pack_trees(
     aggregation: Aggregation = "seq-mean-token-mean",
     denominator: float | None = None,
     segment_tokens: int | None = None,
+    masks: bool = True,
 ) -> PackedBatch:
     """Every tree once, as its unique nodes depth-first; a shared token carries the masses of all its paths.
 
     `segment_tokens` bounds a segment's length (see `tree_segments`): attention costs O(L²) per segment
     with a dense mask, so a big tree is cut into subtrees that each carry a copy of their ancestors. A
     copy carries the masses of the paths whose leaf is in its segment, so loss and gradients are unchanged.
+    `masks=False` gives the tree layout: no dense masks (`segment_attention` is None), for the tree-attention
+    kernel (`learner.tree_attention`), which reads the structure from `prev_index`; use it without segments.
     """
-    return _build(trees, credits, _packed_instances(trees, segment_tokens), aggregation, denominator)
+    if not masks and segment_tokens is not None:
+        raise ValueError("the tree layout (masks=False) keeps every tree whole: leave segment_tokens unset")
+    return _build(trees, credits, _packed_instances(trees, segment_tokens), aggregation, denominator, masks)
 
 
 def per_path_batch(

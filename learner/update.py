@@ -9,6 +9,9 @@ Decided here:
   is the loss of the mini-batch, whatever the split. Each rank's loss is multiplied by the world size
   because DeepSpeed averages gradients over ranks.
 - A rank with no tree in a mini-batch still takes part in the collective step with a zero loss.
+- Packed trees use the tree layout (`learner.tree_attention`: each tree one flat row, every unique token
+  computed once) when `packed_layout = "tree"` and the policy (and reference) model supports it; otherwise
+  masked segments of `segment_tokens`. Both give the per-path loss and gradients.
 - Trees whose advantages are all 0 (every leaf of the group scored the same) are not forwarded when
   there is no KL term (`skip_zero_advantage`): they add nothing to the loss or its gradient, but still
   count in the denominators, so the step is unchanged. Their tokens are missing from the metrics.
@@ -39,6 +42,7 @@ from learner.engine import TrainEngine
 from learner.logprobs import token_logprobs, token_logprobs_and_entropy
 from learner.losses import PolicyLoss, PolicyLossInput, get_policy_loss
 from learner.packing import PackedBatch, pack_trees, path_tokens, per_path_batch, unique_tokens
+from learner.tree_attention import supports_tree_attention
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class UpdateSettings:
     minibatches: int = 1
     ppo_epochs: int = 1
     packing: bool = True
+    packed_layout: str = "tree"
     segment_tokens: int | None = None
     prox_logp: str = "recompute"
     temperature: float = 1.0
@@ -92,6 +97,7 @@ class UpdateSettings:
             minibatches=cfg.minibatches,
             ppo_epochs=cfg.ppo_epochs,
             packing=cfg.packing,
+            packed_layout=cfg.packed_layout,
             segment_tokens=cfg.segment_tokens or None,
             prox_logp=cfg.prox_logp,
             skip_zero_advantage=cfg.skip_zero_advantage,
@@ -185,6 +191,10 @@ class PolicyUpdater:
         self.trees_skipped = 0
         if getattr(settings.loss_config, "kl_coef", 0.0) > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model")
+        models = [engine.module] + ([ref_model] if ref_model is not None else [])
+        self.tree_layout = (
+            settings.packing and settings.packed_layout == "tree" and all(supports_tree_attention(m) for m in models)
+        )
         self.metric_names = self._probe_metric_names()
 
     def _probe_metric_names(self) -> list[str]:
@@ -214,6 +224,8 @@ class PolicyUpdater:
 
     def _layout(self, trees: list[TurnTree], credits: list[TreeCredit], denominator: float) -> PackedBatch:
         aggregation = self.settings.aggregation
+        if self.tree_layout:
+            return pack_trees(trees, credits, aggregation, denominator, masks=False)  # type: ignore[arg-type]
         if self.settings.packing:
             return pack_trees(trees, credits, aggregation, denominator, self.settings.segment_tokens)  # type: ignore[arg-type]
         return per_path_batch(trees, credits, aggregation, denominator)  # type: ignore[arg-type]

@@ -11,13 +11,14 @@ Decided interface:
   deterministic jitter (±0.05, seeded by tree index) on their leaf rewards, so both layouts train
   every tree. `settings.rewards` says "env" or "env+jitter" and `settings.jittered_trees` how many.
 - Training: two `TrainEngine`s from the same model directory, identical but for `learner.packing`
-  (true = packed, false = one row per path), run the same `PolicyUpdater.update` on the same groups
-  (each tree its own group). One warm-up update each (on the first tree), then `repeats` timed updates
-  per layout, alternating which goes first; medians. Throughput counts PATH tokens (the per-path
-  equivalent work) per second in both layouts, so `packed_speedup` = per-path time / packed time =
-  packed_tokens_per_s / per_path_tokens_per_s. `target_speedup` = 0.8 × path_over_unique.
-  `loss_packed` and `loss_per_path` are the first timed update's losses: the engines have taken the
-  same single warm-up step, so the two agree to float noise (equal work, not merely equal tokens).
+  (true = packed in `packed_layout`, by default the tree layout; false = one row per path), run the
+  same `PolicyUpdater.update` on the same groups (each tree its own group). One warm-up update each
+  (on the first tree), then `repeats` timed updates per layout, alternating which goes first;
+  medians. Throughput counts PATH tokens (the per-path equivalent work) per second in both layouts,
+  so `packed_speedup` = per-path time / packed time = packed_tokens_per_s / per_path_tokens_per_s.
+  `target_speedup` = 0.8 × path_over_unique. `loss_packed` and `loss_per_path` are the first timed
+  update's losses: the engines have taken the same single warm-up step, so the two agree to float
+  noise (equal work, not merely equal tokens).
 - Weights: the trained tiny model published through `WeightBroadcaster` and received by a
   `WeightSubscriber` (announcement, then a windowed, checksummed chunk fetch) on loopback TCP.
   `weight_sync_mb_s` counts from `publish` returning to the verified blob (announce + fetch; the
@@ -70,6 +71,7 @@ class LearnerBenchSettings:
     rounds: int = _TREE.at2po_rounds
     expansions: int = _TREE.at2po_expansions
     micro_batch_tokens: int = 16384
+    packed_layout: str = LearnerConfig().packed_layout
     segment_tokens: int = LearnerConfig().segment_tokens
     torch_threads: int = 2
     lr: float = 1e-6
@@ -81,6 +83,8 @@ class LearnerBenchSettings:
         for name in ("trees", "repeats", "max_new_tokens", "micro_batch_tokens", "torch_threads", "sync_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.packed_layout not in ("tree", "segments"):
+            raise ValueError(f"packed_layout must be 'tree' or 'segments', got {self.packed_layout!r}")
         if self.chunk_kb < 4:
             raise ValueError("chunk_kb must be >= 4 (the transport's smallest chunk)")
 
@@ -149,6 +153,7 @@ def make_updaters(model_dir: Path, settings: LearnerBenchSettings) -> dict[str, 
     for name in LAYOUTS:
         cfg = LearnerConfig(
             packing=name == "packed",
+            packed_layout=settings.packed_layout,  # type: ignore[arg-type]
             segment_tokens=settings.segment_tokens,
             micro_batch_tokens=settings.micro_batch_tokens,
             lr=settings.lr,
@@ -368,8 +373,11 @@ def bench_learner_command(
     rounds: Annotated[int, typer.Option(help="L: expansion rounds")] = _TREE.at2po_rounds,
     expansions: Annotated[int, typer.Option(help="K: nodes expanded per round")] = _TREE.at2po_expansions,
     micro_batch_tokens: Annotated[int, typer.Option(help="most tokens per forward (a tree is never split)")] = 16384,
+    packed_layout: Annotated[
+        str, typer.Option(help="packed: tree (flat row, ancestors' K/V reused) or segments (learner.packed_layout)")
+    ] = LearnerConfig().packed_layout,
     segment_tokens: Annotated[
-        int, typer.Option(help="packed: most tokens per segment (learner.segment_tokens); 0 = whole tree")
+        int, typer.Option(help="segments layout: most tokens per segment (learner.segment_tokens); 0 = whole tree")
     ] = LearnerConfig().segment_tokens,
     torch_threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
     sync_repeats: Annotated[int, typer.Option(help="timed weight transfers")] = 5,
@@ -391,6 +399,7 @@ def bench_learner_command(
         rounds=rounds,
         expansions=expansions,
         micro_batch_tokens=micro_batch_tokens,
+        packed_layout=packed_layout,
         segment_tokens=segment_tokens,
         torch_threads=torch_threads,
         sync_repeats=sync_repeats,

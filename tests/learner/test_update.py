@@ -94,13 +94,18 @@ def test_micro_batch_split_and_layout_do_not_change_the_step(policy_dir: Path) -
     metrics = whole.update(groups, 0)
     one_by_one = updater(policy_dir, micro_batch_tokens=1)
     per_path = updater(policy_dir, packing=False, micro_batch_tokens=1)
+    segments = updater(policy_dir, packed_layout="segments", segment_tokens=40)
+    assert whole.tree_layout and not segments.tree_layout and not per_path.tree_layout
     split_norm = one_by_one.update(groups, 0)["grad_norm"]
     per_path_norm = per_path.update(groups, 0)["grad_norm"]
+    segments_norm = segments.update(groups, 0)["grad_norm"]
     # Adam's first step hardly depends on the gradient's scale: the norms check the scale.
     assert split_norm == pytest.approx(metrics["grad_norm"], rel=1e-5)
     assert per_path_norm == pytest.approx(metrics["grad_norm"], rel=1e-5)
+    assert segments_norm == pytest.approx(metrics["grad_norm"], rel=1e-5)
     assert_same_step(params(whole), params(one_by_one))
     assert_same_step(params(whole), params(per_path))
+    assert_same_step(params(whole), params(segments))
     before = params(updater(policy_dir))
     assert any(not torch.equal(before[k], v) for k, v in params(whole).items())  # it did train
     for key in (
