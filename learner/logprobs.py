@@ -4,19 +4,26 @@ Decided interface
 -----------------
     token_logprobs(model, batch, temperature=1.0) -> Tensor[T]   (float32, differentiable)
 
-The batch is fed as S rows, one per segment (a packed tree, or one path), padded to the longest
-segment L, with `batch.position_ids` and a custom 4-D attention mask [S, 1, L, L] built from
-`batch.segment_attention` (memory O(S·L²) rather than O(T²) for T tokens in all). The mask is
-ADDITIVE in the model's dtype (0 where allowed, the dtype's minimum elsewhere): transformers 5.23
-passes any 4-D mask through unchanged (`masking_utils._preprocess_mask_arguments`), the `eager` kernel
-adds it to the scores and `sdpa` accepts a float mask too, so both work (a bool mask would break
-`eager`, which adds it). Flash-attention and flex kernels cannot take an arbitrary [L, L] mask, so
-they are refused: load the model with
-`attn_implementation="sdpa"` (default; on GPU it uses the memory-efficient kernel with a mask) or `"eager"`.
-Every row (padding included) attends at least to itself, so no softmax row is fully masked.
+Two layouts (`learner.packing`):
+
+- Tree layout (`segment_attention` is None): one flat row [1, T], every unique token once, attention by
+  `learner.tree_attention` (each root→leaf stretch against its ancestors' cached keys/values). Needs a model
+  `supports_tree_attention` accepts; any other is refused (use the masked layout).
+- Masked layouts (per-path, or packed segments): S rows, one per segment, padded to the longest segment L,
+  with `batch.position_ids` and a custom 4-D attention mask [S, 1, L, L] built from `batch.segment_attention`
+  (memory O(S·L²) rather than O(T²) for T tokens in all). The mask is ADDITIVE in the model's dtype (0 where
+  allowed, the dtype's minimum elsewhere): transformers 5.23 passes any 4-D mask through unchanged
+  (`masking_utils._preprocess_mask_arguments`), the `eager` kernel adds it to the scores and `sdpa` accepts a
+  float mask too, so both work (a bool mask would break `eager`, which adds it). Flash-attention and flex
+  kernels cannot take an arbitrary [L, L] mask, so they are refused: load the model with
+  `attn_implementation="sdpa"` (default; on GPU it uses the memory-efficient kernel with a mask) or `"eager"`.
+  Every row (padding included) attends at least to itself, so no softmax row is fully masked.
 
 logp of token i = log_softmax(logits[prev_index[i]] / temperature)[input_ids[i]], 0 where prev_index = -1;
-logits are upcast to float32 before the softmax. Memory: the mask is O(S·L²), the logits O(S·L·V).
+logits are upcast to float32 before the softmax. In the tree layout the head runs only on the tokens that
+predict another (a 1-D `logits_to_keep`); the masked layouts compute every row's logits and gather them
+(a per-row 2-D `logits_to_keep` needs transformers newer than the oldest one supported). Memory: the masks
+are O(S·L²) (none in the tree layout), the logits O(T·V).
 """
 
 from __future__ import annotations
@@ -103,7 +110,7 @@ def _tree_logits(model: nn.Module, batch: PackedBatch, source: Tensor, device: t
             f"the tree layout needs a model tree attention supports ({', '.join(TREE_MODEL_TYPES)}, no sliding "
             f"window), not {kind!r}: pack with masks (learner.packed_layout = 'segments')"
         )
-    plan = build_tree_plan(batch.prev_index, _model_dtype(model), device)
+    plan = build_tree_plan(batch.prev_index, device)
     with use_tree_attention(model):
         out = model(
             input_ids=batch.input_ids.to(device)[None],

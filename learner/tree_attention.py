@@ -45,7 +45,7 @@ class RunBucket:
 
     query_index: Tensor  # long [n * q]: flat token in each padded query slot
     key_index: Tensor  # long [n * k]: flat token in each padded key slot (context first, then own tokens)
-    bias: Tensor  # [n, 1, q, k] additive mask in the model's dtype (0 allowed, dtype minimum elsewhere)
+    mask: Tensor  # bool [n, 1, q, k]: True where query i may attend key j (j <= context length + i)
     n: int
     q: int
     k: int
@@ -102,7 +102,7 @@ def _bucket_runs(q_len: np.ndarray, k_len: np.ndarray) -> list[list[int]]:
     return buckets
 
 
-def build_tree_plan(prev_index: Tensor, dtype: torch.dtype, device: torch.device | str) -> TreePlan:
+def build_tree_plan(prev_index: Tensor, device: torch.device | str) -> TreePlan:
     """The runs of a flat tree layout (from its `prev_index`), bucketed, as index tensors on `device`."""
     prev = prev_index.cpu().numpy().astype(np.int64)
     total = len(prev)
@@ -126,14 +126,13 @@ def build_tree_plan(prev_index: Tensor, dtype: torch.dtype, device: torch.device
             keys[row, : len(path)] = path
             context_len[row] = len(contexts[run])
             output_index[start : start + own] = offset + row * q + np.arange(own)
-        allowed = np.arange(k)[None, None, :] <= context_len[:, None, None] + np.arange(q)[None, :, None]
-        bias = torch.zeros((n, 1, q, k), dtype=dtype, device=device)
-        bias.masked_fill_(~torch.from_numpy(allowed)[:, None].to(device), torch.finfo(dtype).min)
+        reach = torch.from_numpy(context_len).to(device)[:, None, None] + torch.arange(q, device=device)[None, :, None]
+        allowed = torch.arange(k, device=device)[None, None, :] <= reach  # built where it is used
         buckets.append(
             RunBucket(
                 query_index=torch.from_numpy(queries.reshape(-1)).to(device),
                 key_index=torch.from_numpy(keys.reshape(-1)).to(device),
-                bias=bias,
+                mask=allowed[:, None],
                 n=n,
                 q=q,
                 k=k,
@@ -175,7 +174,7 @@ def tree_attention(
         if kv_heads != heads:  # grouped-query attention: kv head j serves query heads j*r .. (j+1)*r - 1
             k = k.repeat_interleave(heads // kv_heads, dim=1)
             v = v.repeat_interleave(heads // kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.bias, dropout_p=dropout, scale=scaling)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask, dropout_p=dropout, scale=scaling)
         outputs.append(out.transpose(1, 2).reshape(bucket.n * bucket.q, heads * dim))
     merged = torch.cat(outputs).index_select(0, tree_plan.output_index)
     return merged.view(1, total, heads, dim), None

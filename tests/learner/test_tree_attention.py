@@ -67,7 +67,7 @@ def test_runs_see_exactly_each_tokens_path(seed: int) -> None:
 def test_plan_places_every_token_once() -> None:
     trees, credits = make_batch("at2po", 4)
     flat = pack_trees(trees, credits, masks=False)
-    plan = build_tree_plan(flat.prev_index, torch.float32, "cpu")
+    plan = build_tree_plan(flat.prev_index, "cpu")
     assert len(plan.buckets) > 1
     rows = torch.cat([b.query_index for b in plan.buckets])
     assert torch.equal(rows[plan.output_index], torch.arange(flat.num_tokens))  # output row i holds token i
@@ -113,7 +113,7 @@ def test_bucketing_does_not_change_the_numbers(model: PreTrainedModel, monkeypat
     with torch.no_grad():
         for slack in (1e9, 1.0):
             monkeypatch.setattr(tree_attention, "PADDING_SLACK", slack)
-            buckets = build_tree_plan(flat.prev_index, torch.float32, "cpu").buckets
+            buckets = build_tree_plan(flat.prev_index, "cpu").buckets
             assert (len(buckets) == 1) == (slack > 1e8)
             results.append(token_logprobs(model, flat))
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=0)
