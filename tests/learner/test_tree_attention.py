@@ -7,7 +7,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from learner import tree_attention
 from learner.logprobs import token_logprobs, token_logprobs_and_entropy
@@ -34,10 +44,14 @@ def _model(architecture: str) -> PreTrainedModel:
     )
     if architecture == "llama":
         return LlamaForCausalLM(LlamaConfig(**shape)).float().eval()  # type: ignore[arg-type]
+    if architecture == "qwen3":  # q/k norms inside attention, before the kernel
+        return Qwen3ForCausalLM(Qwen3Config(**shape)).float().eval()  # type: ignore[arg-type]
+    if architecture == "mistral":
+        return MistralForCausalLM(MistralConfig(**shape, sliding_window=None)).float().eval()  # type: ignore[arg-type]
     return Qwen2ForCausalLM(Qwen2Config(**shape)).float().eval()  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama"])
+@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen3", "mistral"])
 def model(request: pytest.FixtureRequest) -> PreTrainedModel:
     return _model(request.param)
 
@@ -165,7 +179,8 @@ def test_tree_loss_and_gradients_equal_per_path(model: PreTrainedModel, method: 
 
 
 def test_supported_models_and_fallback() -> None:
-    assert supports_tree_attention(_model("qwen2")) and supports_tree_attention(_model("llama"))
+    assert all(supports_tree_attention(_model(kind)) for kind in ("qwen2", "llama", "qwen3", "mistral"))
+    assert not supports_tree_attention(SimpleNamespace(config=MistralConfig(sliding_window=4096)))  # type: ignore[arg-type]
     sliding = SimpleNamespace(config=Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0))
     assert not supports_tree_attention(sliding)  # type: ignore[arg-type]
     assert not supports_tree_attention(SimpleNamespace(config=SimpleNamespace(model_type="gpt2")))  # type: ignore[arg-type]
