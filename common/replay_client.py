@@ -135,10 +135,15 @@ class RejectedSubtree:
 
 @dataclass(frozen=True)
 class SampledTree:
-    """One sampled tree: replay's description plus its stored Arrow messages as replay sent them."""
+    """One sampled tree: replay's description plus its stored Arrow messages as replay sent them.
+
+    Messages from `LearnerReplayClient` are read-only memoryviews of the received ZeroMQ frames (no
+    copy); they act as bytes for `len`, slicing, `b"".join`, comparison and Arrow reads, and
+    `bytes(m)` makes a copy where real bytes are needed.
+    """
 
     info: SampledTreeInfo
-    messages: list[bytes]
+    messages: Sequence[bytes | memoryview]
 
     def assemble(self) -> TurnTree:
         """Decode and merge the messages (any order) into a validated, complete TurnTree."""
@@ -157,7 +162,7 @@ class _Pending:
     # requests only
     accepts: Callable[[WireMessage], bool] | None = None
     reply: WireMessage | None = None
-    blobs: list[bytes] = field(default_factory=list)
+    blobs: list[memoryview] = field(default_factory=list)
     error: ErrorMsg | None = None
     last_internal: str | None = None
 
@@ -391,13 +396,14 @@ class _ReplayConnection:
         acks = 0
         for _ in range(_MAX_DRAIN):
             try:
-                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
+                # copy=False: a sample reply's blobs stay in ZeroMQ's buffers (see `_dispatch`).
+                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
             acks += self._dispatch(frames)
         return acks
 
-    def _dispatch(self, frames: list[bytes]) -> int:
+    def _dispatch(self, frames: list[zmq.Frame]) -> int:
         """Handle one incoming message; returns 1 when it acked a subtree of the window."""
         try:
             message, blobs = decode_message(frames, self.transport.max_message_bytes)
@@ -434,7 +440,9 @@ class _ReplayConnection:
             self._bad(f"{message.kind} reply does not answer {pending.what} (req {message.req})")
             return 0
         pending.reply = message
-        pending.blobs = [bytes(b) for b in blobs]
+        # Zero-copy views of the received frames (each keeps its frame alive): copying a 16 MB sample
+        # into fresh bytes costs more in page faults than the whole transfer.
+        pending.blobs = [b.buffer.toreadonly() for b in blobs]
         return 0
 
     def _bad(self, why: str) -> None:
@@ -769,7 +777,7 @@ class LearnerReplayClient(_ReplayConnection):
         self._drop_open_sample()
 
     @staticmethod
-    def _split_trees(reply: SampleReplyMsg, blobs: list[bytes]) -> list[SampledTree]:
+    def _split_trees(reply: SampleReplyMsg, blobs: list[memoryview]) -> list[SampledTree]:
         trees: list[SampledTree] = []
         start = 0
         for info in reply.trees:

@@ -197,6 +197,16 @@ def run_replay_bench(settings: BenchSettings, work_dir: Path | None = None) -> d
         processes.append(server)
         prefill(config, settings)
 
+        # The idle baseline is taken before the clients start: their start-up (encoding every
+        # message) would otherwise share the 2 cores with it.
+        sampler_pipe, sampler_child = ctx.Pipe()
+        sampler = ctx.Process(target=_sampler_main, args=(config, settings, sampler_child), daemon=True)
+        sampler.start()
+        processes.append(sampler)
+        if not sampler_pipe.poll(300):
+            raise TimeoutError("the sampler process did not finish its idle samples within 300 s")
+        sampler_pipe.recv()
+
         client_pipes = []
         for i in range(settings.clients):
             parent, child = ctx.Pipe()
@@ -204,13 +214,8 @@ def run_replay_bench(settings: BenchSettings, work_dir: Path | None = None) -> d
             proc.start()
             processes.append(proc)
             client_pipes.append(parent)
-        sampler_pipe, sampler_child = ctx.Pipe()
-        sampler = ctx.Process(target=_sampler_main, args=(config, settings, sampler_child), daemon=True)
-        sampler.start()
-        processes.append(sampler)
 
         ingest_bytes = sum(_expect(pipe, "ready", 300)[1] for pipe in client_pipes)
-        sampler_pipe.recv()
         start = time.perf_counter()
         sampler_pipe.send("go")
         for pipe in client_pipes:

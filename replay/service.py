@@ -10,8 +10,11 @@ While the store thread waits for a commit to reach the disk, the IO thread valid
 batch, so validation and fsync overlap. The IO thread hands over a new batch only when the store
 thread is idle (a batch grows while a commit runs) and waits at most `commit_max_delay_ms` to fill
 a small one. Requests jump ahead of waiting batches, so a learner never waits behind more than one
-commit, and the byte bound keeps that commit's fsync short. Replies travel back over an inproc
-socket, and an ack is sent only after the commit that holds its subtree. Nothing a peer sends can
+commit, and the byte bound keeps that commit's fsync short. While a sample request is being answered
+the IO thread receives and forwards but validates nothing (for at most SAMPLE_PRIORITY_MAX_S), so
+the store thread does not queue for the GIL behind validation. A sample's messages leave LMDB
+through pooled buffers and go out as zero-copy frames (`replay.reply_buffers`). Replies travel back
+over an inproc socket, and an ack is sent only after the commit that holds its subtree. Nothing a peer sends can
 stop either thread: every bad message gets an error reply (or is dropped when even the sender
 cannot be told) and is counted by its error code.
 """
@@ -55,6 +58,7 @@ from common.wire import (
     split_routed,
 )
 from replay.limits import check_replay_config
+from replay.reply_buffers import ReplyBuffers
 from replay.store import IngestItem, SampleRequestError, StoreError, TreeStore
 
 log = get_logger("replay.service")
@@ -66,6 +70,12 @@ _REQUEST_PRIORITY, _BATCH_PRIORITY, _STOP_PRIORITY = 0, 1, 2
 # Subtrees received but not yet validated (bounded: beyond this they wait in ZeroMQ's queue).
 MAX_UNCHECKED = 4096
 INSPECT_SLICE = 8
+# Single-frame markers on the inproc reply socket (a reply has at least an identity and a header).
+_BATCH_DONE, _SAMPLE_DONE = b"", b"s"
+# While a sample request is being answered the IO thread validates nothing, so the store thread has
+# the GIL and the CPU to itself; this long at most, so a learner that samples without pause cannot
+# starve ingest.
+SAMPLE_PRIORITY_MAX_S = 0.05
 
 
 @dataclass
@@ -109,6 +119,9 @@ class ReplayService:
         self._work: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
         self._order = itertools.count()
         self._batches_in_flight = 0
+        self._samples_waiting = 0  # IO thread only: sample requests handed over, not yet answered
+        self._sampling_since = 0.0
+        self._reply_buffers = ReplyBuffers()  # the store thread's; sample replies leave LMDB through it
         self._replies_endpoint = _REPLIES_ENDPOINT.format(id(self))
         self.started = time.time()
 
@@ -187,7 +200,8 @@ class ReplayService:
         batch_started = 0.0
         while not self._stop.is_set():
             full = len(batch) >= limit or batch_bytes >= byte_limit
-            if unchecked and not full:
+            validate = self._samples_waiting == 0 or time.monotonic() > self._sampling_since + SAMPLE_PRIORITY_MAX_S
+            if unchecked and not full and validate:
                 wait_s = 0.0
             elif batch and self._batches_in_flight == 0:
                 # The store is idle: hand the batch over once full, or once the fill window closed.
@@ -205,7 +219,7 @@ class ReplayService:
                 subtree = self._receive(sock, frames)
                 if subtree is not None:
                     unchecked.append(subtree)
-            for _ in range(min(INSPECT_SLICE, limit - len(batch), len(unchecked))):
+            for _ in range(min(INSPECT_SLICE, limit - len(batch), len(unchecked)) if validate else 0):
                 if batch_bytes >= byte_limit:
                     break
                 pending = self._inspect(sock, *unchecked.popleft())
@@ -231,9 +245,11 @@ class ReplayService:
                 frames = replies.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if len(frames[0]) == 0:
-                # An empty first frame marks the end of a committed batch.
-                self._batches_in_flight -= 1
+            if len(frames) == 1:
+                if frames[0].bytes == _SAMPLE_DONE:
+                    self._samples_waiting -= 1
+                else:  # _BATCH_DONE: the end of a committed batch
+                    self._batches_in_flight -= 1
                 continue
             self._send(sock, frames)
 
@@ -254,6 +270,10 @@ class ReplayService:
         if isinstance(message, SubtreeMsg):
             return identity, message.req, blobs[0].buffer
         if isinstance(message, LeaseRequestMsg | SampleRequestMsg | VersionMsg | StatsRequestMsg):
+            if isinstance(message, SampleRequestMsg):
+                if self._samples_waiting == 0:
+                    self._sampling_since = time.monotonic()
+                self._samples_waiting += 1
             self._work.put((_REQUEST_PRIORITY, next(self._order), _Request(identity, message)))
             return None
         detail = f"{message.kind} is not a request"
@@ -300,9 +320,11 @@ class ReplayService:
                 if isinstance(work, list):
                     for frames in self._commit(work):
                         replies.send_multipart(frames, copy=False)
-                    replies.send(b"")
+                    replies.send(_BATCH_DONE)
                 elif isinstance(work, _Request):
                     replies.send_multipart(self._answer(work), copy=False)
+                    if isinstance(work.message, SampleRequestMsg):
+                        replies.send(_SAMPLE_DONE)
                 now = time.monotonic()
                 if now >= next_housekeeping:
                     self._housekeeping()
@@ -360,7 +382,9 @@ class ReplayService:
             return encode_message(grant)
         if isinstance(message, SampleRequestMsg):
             self.counters.inc("sample_requests")
-            decision = self.store.sample(message.request_id, message.n, message.learner_version)
+            decision = self.store.sample(
+                message.request_id, message.n, message.learner_version, sink=self._reply_buffers.frames
+            )
             infos, blobs = [], []
             for tree in decision.trees:
                 record = tree.record

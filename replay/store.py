@@ -163,9 +163,20 @@ class LeaseDecision:
 
 @dataclass(frozen=True)
 class SampledTree:
+    """A sampled tree; `messages` are what the sample's sink made of its stored messages (bytes by default)."""
+
     record: TreeRecord
     staleness: int
-    messages: list[bytes]
+    messages: list[Any]
+
+
+# Turns a sample's LMDB buffers (valid only during the call) into objects that outlive the read.
+MessageSink = Callable[[list[memoryview]], Sequence[Any]]
+
+
+def copy_messages(views: list[memoryview]) -> list[bytes]:
+    """The default sink: each message copied into its own bytes."""
+    return [bytes(view) for view in views]
 
 
 @dataclass(frozen=True)
@@ -689,41 +700,70 @@ class TreeStore:
         self.retired_bytes += record.nbytes
         self._put_record(txn, record)
 
-    def sample(self, request_id: str, n: int, learner_version: int) -> SampleDecision:
-        """Hand out n completed trees (all or none); a repeated request_id returns the same trees."""
+    def sample(self, request_id: str, n: int, learner_version: int, sink: MessageSink | None = None) -> SampleDecision:
+        """Hand out n completed trees (all or none); a repeated request_id returns the same trees.
+
+        The trees' messages are read after the bookkeeping commit, from a read transaction, and
+        passed to `sink` as LMDB buffers (valid only during that call); its results become the
+        trees' `messages`. The default sink copies them into bytes.
+        """
         if n > self.config.capacity_trees:
             raise SampleRequestError(
                 f"asked for {n} trees but the store holds at most replay.capacity_trees={self.config.capacity_trees}"
             )
         if request_id in self.batches:
-            return self._replay_batch(request_id)
+            return self._replay_batch(request_id, sink or copy_messages)
         if learner_version > self.learner_version:
             self.set_learner_version(learner_version)
 
-        def body(txn: lmdb.Transaction) -> SampleDecision:
+        def body(txn: lmdb.Transaction) -> SampleDecision | list[tuple[TreeRecord, int]]:
             reason = self._sample_block_reason(n)
             if reason is not None:
                 return SampleDecision(False, reason)
             chosen = self._choose(n)
-            trees = []
+            picked = []
             for index in chosen:
                 record = self.live[index]
                 record.times_sampled += 1
                 self.counters["samples"] += 1
-                staleness = record.staleness(self.learner_version)
+                picked.append((record, record.staleness(self.learner_version)))
                 if self.config.sampler == "fifo" or (
                     self.config.max_times_sampled and record.times_sampled >= self.config.max_times_sampled
                 ):
                     self._retire(txn, record, TreeState.CONSUMED)
                 else:
                     self._put_record(txn, record)
-                messages = [bytes(data) for _, data in self._iter_messages(txn, index)]
-                trees.append(SampledTree(record, staleness, messages))
             self.counters["sample_batches"] += 1
             self._remember_batch(txn, request_id, chosen)
-            return SampleDecision(True, "", trees)
+            return picked
 
-        return self._transact(body)
+        outcome = self._transact(body)
+        if isinstance(outcome, SampleDecision):
+            return outcome
+        return SampleDecision(True, "", self._read_trees(outcome, sink or copy_messages))
+
+    def _read_trees(self, picked: Sequence[tuple[TreeRecord, int]], sink: MessageSink) -> list[SampledTree]:
+        """The picked trees' messages through `sink`, all from one read transaction (zero-copy buffers)."""
+        with self.env.begin(buffers=True) as txn:
+            per_tree = [self._message_views(txn, record.index) for record, _ in picked]
+            made = sink([view for views in per_tree for view in views])
+        trees, start = [], 0
+        for (record, staleness), views in zip(picked, per_tree, strict=True):
+            trees.append(SampledTree(record, staleness, list(made[start : start + len(views)])))
+            start += len(views)
+        return trees
+
+    def _message_views(self, txn: lmdb.Transaction, index: int) -> list[memoryview]:
+        """A tree's messages in seq order as buffers into the map (`txn` must use buffers=True)."""
+        cursor = txn.cursor(db=self.db_subtrees)
+        prefix = _U64.pack(index)
+        views: list[memoryview] = []
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if key[: len(prefix)] != prefix:
+                    break
+                views.append(value)
+        return views
 
     def _sample_block_reason(self, n: int) -> str | None:
         ready = self.ready_count
@@ -747,17 +787,15 @@ class TreeStore:
             old_id, _ = self.batches.popitem(last=False)
             txn.delete(old_id.encode(), db=self.db_batches)
 
-    def _replay_batch(self, request_id: str) -> SampleDecision:
-        indexes = self.batches[request_id]
-        trees = []
+    def _replay_batch(self, request_id: str, sink: MessageSink) -> SampleDecision:
+        picked = []
         with self.env.begin() as txn:
-            for index in indexes:
+            for index in self.batches[request_id]:
                 record = self._get_record(txn, index)
                 if record is None or record.state not in _LIVE_STATES:
                     return SampleDecision(False, f"request {request_id} was answered before, but its trees are gone")
-                messages = [bytes(data) for _, data in self._iter_messages(txn, index)]
-                trees.append(SampledTree(record, record.staleness(self.learner_version), messages))
-        return SampleDecision(True, "", trees)
+                picked.append((record, record.staleness(self.learner_version)))
+        return SampleDecision(True, "", self._read_trees(picked, sink))
 
     # ------------------------------------------------------------------------------ capacity
 

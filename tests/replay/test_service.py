@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.config import RunConfig, build_config
+from common.replay_client import ActorReplayClient, LearnerReplayClient
 from common.wire import (
     AckMsg,
     ErrorCode,
@@ -27,6 +28,7 @@ from common.wire import (
     decode_message,
     encode_message,
 )
+from replay.reply_buffers import ZERO_COPY_MIN_BYTES
 from replay.service import ReplayService
 from replay.synthetic import random_tree, tree_messages
 
@@ -214,3 +216,45 @@ def test_fuzzed_frames_get_an_error_and_never_stop_the_service(peer: Peer, frame
     # Anything that is not a well-formed request is answered with an error, never stored.
     assert reply.kind in {"error", "lease_grant", "sample_reply", "ack", "stats_reply"}
     assert stats(peer)["store"]["subtrees_stored"] == 0
+
+
+def test_sample_replies_arrive_zero_copy_and_equal_the_stored_trees(tmp_path: Path) -> None:
+    """Large messages leave through pooled buffers and arrive as views of the received frames."""
+    config = make_config(tmp_path, sampler="uniform", max_times_sampled=0)
+    config = config.model_copy(
+        update={"transport": config.transport.model_copy(update={"max_message_bytes": 64 * 1024**2})}
+    )
+    svc = ReplayService(config)
+    thread = threading.Thread(target=svc.run, daemon=True)
+    thread.start()
+    try:
+        rng = np.random.default_rng(5)
+        with ActorReplayClient(svc.endpoint, "actor", config.transport) as actor:
+            tree_ids = actor.request_leases(2).tree_ids
+            # Tree 0: messages far above ZERO_COPY_MIN_BYTES; tree 1: small ones (copied into bytes).
+            trees = [
+                random_tree(rng, tree_ids[0], n_nodes=6, tokens_per_turn=4 * ZERO_COPY_MIN_BYTES // 12),
+                random_tree(rng, tree_ids[1], n_nodes=6),
+            ]
+            sent = {tree.tree_id: tree_messages(tree, nodes_per_message=2) for tree in trees}
+            assert max(len(m) for m in sent[tree_ids[0]]) > ZERO_COPY_MIN_BYTES > max(len(m) for m in sent[tree_ids[1]])
+            for tree_id, messages in sent.items():
+                for seq, data in enumerate(messages):
+                    actor.send_subtree(data, tree_id, seq)
+            actor.flush(timeout_s=10)
+        with LearnerReplayClient(svc.endpoint, config.transport) as learner:
+            replies = [learner.sample(2, 0, timeout_s=10) for _ in range(5)]
+        for sampled in replies:
+            assert sorted(t.info.tree_id for t in sampled) == sorted(tree_ids)
+            for tree in sampled:
+                assert all(isinstance(m, memoryview) and m.readonly for m in tree.messages)
+                assert [bytes(m) for m in tree.messages] == sent[tree.info.tree_id]
+                want = next(t for t in trees if t.tree_id == tree.info.tree_id)
+                assert sorted(tree.assemble().nodes) == sorted(want.nodes)
+                assert all(tree.assemble().nodes[i].same_tokens(want.nodes[i]) for i in want.nodes)
+        # Earlier replies stay intact while later ones reuse the service's buffers.
+        assert svc._reply_buffers.allocated < len(replies)
+    finally:
+        svc.stop()
+        thread.join(timeout=10)
+        svc.close()

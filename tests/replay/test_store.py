@@ -384,6 +384,30 @@ def test_fifo_hands_each_tree_out_once_whatever_max_times_sampled(kit: SimpleNam
     assert store.stats()["samples"] == 3 and store.stats()["retired_kept"] == 3
 
 
+def test_a_sample_sink_sees_lmdb_buffers_once_per_batch_and_its_results_are_the_messages(
+    kit: SimpleNamespace,
+) -> None:
+    store = kit.open(kit.config(trees_per_step=2))
+    ids = kit.lease(store, 2)
+    sent = {tree_id: kit.complete(store, tree_id, seed=int(tree_id)) for tree_id in ids}
+    calls: list[list[memoryview]] = []
+
+    def sink(views: list[memoryview]) -> list[bytearray]:
+        calls.append(views)
+        return [bytearray(view) for view in views]  # owned copies: the views end with the read
+
+    for request_id in ("r1", "r1"):  # a new request, then its retry
+        decision = store.sample(request_id, 2, 0, sink=sink)
+        assert decision.ready and kit.ids(decision) == ids
+        assert all(type(m) is bytearray for t in decision.trees for m in t.messages)
+        assert [t.messages for t in decision.trees] == [sent[tree_id] for tree_id in ids]
+    assert len(calls) == 2 and all(type(view) is memoryview for batch in calls for view in batch)
+    assert [len(batch) for batch in calls] == [sum(len(m) for m in sent.values())] * 2
+    # The default sink copies into bytes.
+    again = store.sample("r1", 2, 0)
+    assert all(type(m) is bytes for t in again.trees for m in t.messages)
+
+
 def test_only_recent_sample_batches_are_remembered(kit: SimpleNamespace) -> None:
     store = kit.open(kit.config(sample_batches_kept=2, trees_per_step=1))
     for tree_id in kit.lease(store, 4):
