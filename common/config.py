@@ -79,7 +79,7 @@ class ReplayConfig(_Section):
     lease_ttl_s: float = Field(300.0, gt=0, description="a growing tree with no activity this long is dropped")
     commit_max_messages: int = Field(64, gt=0, description="group commit: most subtrees per transaction")
     commit_max_bytes: int = Field(
-        2 * 1024**2, gt=0, description="group commit: a transaction closes once its subtrees reach this many bytes"
+        1024**2, gt=0, description="group commit: a transaction closes once its subtrees reach this many bytes"
     )
     commit_max_delay_ms: float = Field(2.0, ge=0, description="group commit: longest wait to fill a transaction")
     sample_batches_kept: int = Field(

@@ -12,8 +12,8 @@ thread is idle (a batch grows while a commit runs) and waits at most `commit_max
 a small one. Requests jump ahead of waiting batches, so a learner never waits behind more than one
 commit, and the byte bound keeps that commit's fsync short. While a sample request is being answered
 the IO thread receives and forwards but validates nothing (for at most SAMPLE_PRIORITY_MAX_S), so
-the store thread does not queue for the GIL behind validation. A sample's messages leave LMDB
-through pooled buffers and go out as zero-copy frames (`replay.reply_buffers`). Replies travel back
+the store thread does not queue for the GIL behind validation. A sample's messages go out as
+zero-copy frames over LMDB's own pages, or pooled copies (`replay.reply_buffers`). Replies travel back
 over an inproc socket, and an ack is sent only after the commit that holds its subtree. Nothing a peer sends can
 stop either thread: every bad message gets an error reply (or is dropped when even the sender
 cannot be told) and is counted by its error code.
@@ -69,7 +69,7 @@ _REPLIES_ENDPOINT = "inproc://replay-replies-{}"
 _REQUEST_PRIORITY, _BATCH_PRIORITY, _STOP_PRIORITY = 0, 1, 2
 # Subtrees received but not yet validated (bounded: beyond this they wait in ZeroMQ's queue).
 MAX_UNCHECKED = 4096
-INSPECT_SLICE = 8
+INSPECT_SLICE = 2
 # Single-frame markers on the inproc reply socket (a reply has at least an identity and a header).
 _BATCH_DONE, _SAMPLE_DONE = b"", b"s"
 # While a sample request is being answered the IO thread validates nothing, so the store thread has
@@ -103,7 +103,7 @@ class ReplayService:
         self.endpoint = endpoint or config.transport.replay_endpoint
         self.max_message_bytes = config.transport.max_message_bytes
         check_replay_config(config.replay, int(config.replay.map_size_gb * 1024**3))
-        self.ctx = zmq.Context()
+        self.ctx = zmq.Context(io_threads=2)
         self._server: ServerSocket | None = None
         try:
             self.bind()
@@ -174,9 +174,11 @@ class ReplayService:
         if self._server is not None:
             self._server.close()
             self._server = None
+        # ZeroMQ first: a sample reply still queued may point into LMDB's map, which closing the
+        # store unmaps.
+        self.ctx.destroy(linger=0)
         self.store.close()
         self.metrics.close()
-        self.ctx.destroy(linger=0)
         log.info("replay_stopped")
 
     # ------------------------------------------------------------------------------ IO thread
@@ -422,6 +424,7 @@ class ReplayService:
     # ------------------------------------------------------------------------------ helpers
 
     def _housekeeping(self) -> None:
+        self._reply_buffers.reclaim()  # ends pinned reads that were sent, so LMDB can reuse their pages
         try:
             expired = self.store.expire_leases()
         except StoreError as error:

@@ -170,11 +170,30 @@ class SampledTree:
     messages: list[Any]
 
 
-# Turns a sample's LMDB buffers (valid only during the call) into objects that outlive the read.
-MessageSink = Callable[[list[memoryview]], Sequence[Any]]
+class ReadPin:
+    """The read transaction behind a sample's buffers; a sink that keeps it keeps them valid.
+
+    Why: a sink that sends the buffers themselves (zero-copy) needs the pages until the send is
+    done, and LMDB keeps a snapshot's pages only while its transaction is open. A kept pin must be
+    released (from the store's thread) once nothing reads the buffers any more.
+    """
+
+    def __init__(self, txn: lmdb.Transaction) -> None:
+        self._txn = txn
+        self.kept = False
+
+    def keep(self) -> Callable[[], None]:
+        """Keep the transaction open; returns the call that ends it."""
+        self.kept = True
+        return self._txn.abort
 
 
-def copy_messages(views: list[memoryview]) -> list[bytes]:
+# Turns a sample's LMDB buffers (valid only during the call, unless it keeps the pin) into the
+# trees' messages.
+MessageSink = Callable[[list[memoryview], ReadPin], Sequence[Any]]
+
+
+def copy_messages(views: list[memoryview], pin: ReadPin) -> list[bytes]:
     """The default sink: each message copied into its own bytes."""
     return [bytes(view) for view in views]
 
@@ -704,8 +723,8 @@ class TreeStore:
         """Hand out n completed trees (all or none); a repeated request_id returns the same trees.
 
         The trees' messages are read after the bookkeeping commit, from a read transaction, and
-        passed to `sink` as LMDB buffers (valid only during that call); its results become the
-        trees' `messages`. The default sink copies them into bytes.
+        passed to `sink` as LMDB buffers (valid during that call, or until the pin the sink kept is
+        released); its results become the trees' `messages`. The default sink copies them into bytes.
         """
         if n > self.config.capacity_trees:
             raise SampleRequestError(
@@ -744,9 +763,14 @@ class TreeStore:
 
     def _read_trees(self, picked: Sequence[tuple[TreeRecord, int]], sink: MessageSink) -> list[SampledTree]:
         """The picked trees' messages through `sink`, all from one read transaction (zero-copy buffers)."""
-        with self.env.begin(buffers=True) as txn:
+        txn = self.env.begin(buffers=True)
+        pin = ReadPin(txn)
+        try:
             per_tree = [self._message_views(txn, record.index) for record, _ in picked]
-            made = sink([view for views in per_tree for view in views])
+            made = sink([view for views in per_tree for view in views], pin)
+        finally:
+            if not pin.kept:
+                txn.abort()
         trees, start = [], 0
         for (record, staleness), views in zip(picked, per_tree, strict=True):
             trees.append(SampledTree(record, staleness, list(made[start : start + len(views)])))

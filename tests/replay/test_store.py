@@ -21,7 +21,7 @@ import pytest
 from common.subtree import assemble_tree
 from common.tree import TurnTree
 from common.wire import ErrorCode
-from replay.store import SampleRequestError, StoreError, TreeState, TreeStore, parse_tree_id
+from replay.store import ReadPin, SampleRequestError, StoreError, TreeState, TreeStore, parse_tree_id
 
 
 def assert_same_tree(got: TurnTree, want: TurnTree) -> None:
@@ -392,7 +392,7 @@ def test_a_sample_sink_sees_lmdb_buffers_once_per_batch_and_its_results_are_the_
     sent = {tree_id: kit.complete(store, tree_id, seed=int(tree_id)) for tree_id in ids}
     calls: list[list[memoryview]] = []
 
-    def sink(views: list[memoryview]) -> list[bytearray]:
+    def sink(views: list[memoryview], pin: ReadPin) -> list[bytearray]:
         calls.append(views)
         return [bytearray(view) for view in views]  # owned copies: the views end with the read
 
@@ -406,6 +406,28 @@ def test_a_sample_sink_sees_lmdb_buffers_once_per_batch_and_its_results_are_the_
     # The default sink copies into bytes.
     again = store.sample("r1", 2, 0)
     assert all(type(m) is bytes for t in again.trees for m in t.messages)
+
+
+def test_a_kept_pin_keeps_the_sampled_buffers_valid_through_later_writes(kit: SimpleNamespace) -> None:
+    store = kit.open(kit.config(trees_per_step=1, sampler="fifo", capacity_trees=4))
+    first = kit.lease(store, 1)[0]
+    sent = kit.complete(store, first, seed=0)
+    releases = []
+
+    def keep(views: list[memoryview], pin: ReadPin) -> list[memoryview]:
+        releases.append(pin.keep())
+        return views
+
+    decision = store.sample("r1", 1, 0, sink=keep)
+    (tree,) = decision.trees
+    assert all(type(m) is memoryview for m in tree.messages)
+    # The sampled tree is consumed, then evicted by later trees: its pages are freed, not reused.
+    for tree_id in kit.lease(store, 6):
+        kit.complete(store, tree_id, seed=int(tree_id))
+        store.sample(f"r-{tree_id}", 1, 0)
+    assert store.stats()["evicted"] >= 1
+    assert [bytes(m) for m in tree.messages] == sent
+    releases[0]()
 
 
 def test_only_recent_sample_batches_are_remembered(kit: SimpleNamespace) -> None:
