@@ -9,7 +9,11 @@ measured in the same run, because absolute times on a shared machine mean little
 - `sample_p50_ms` / `sample_p99_ms`: a learner process sampling a batch of completed trees every
   `sample_interval_s` (a fast learner) while the ingest runs; request to last byte received.
   `sample_idle_p50_ms` is the same request with no ingest running (its baseline: the cost of
-  moving `sample_reply_mb` through the store and the socket).
+  moving `sample_reply_mb` through the store and the socket);
+- `socket_floor_p50_ms` / `socket_floor_p99_ms`: right after each sample, the same frames from a
+  bare ZeroMQ ROUTER that answers from memory (`ops.bench_floor`), under the same ingest: what
+  moving those bytes between two processes costs with no store at all (`socket_floor_idle_p50_ms`
+  without ingest). `sample_p50_ms_per_tree` is the sample p50 over the trees in a batch.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 
 from common.config import RunConfig, build_config
 from common.subtree import SubtreeHeader, encode_subtree
+from ops.bench_floor import BareTransfer, echo_main
 from replay.synthetic import random_tree
 
 IDLE_SAMPLES = 20
@@ -118,27 +123,40 @@ def _client_main(config: RunConfig, actor_id: str, settings: BenchSettings, n_tr
         conn.send(("done", elapsed, client.acked, client.resent, len(client.rejected)))
 
 
-def _sampler_main(config: RunConfig, settings: BenchSettings, conn: Connection) -> None:
+def _sampler_main(config: RunConfig, settings: BenchSettings, echo_endpoint: str, conn: Connection) -> None:
+    """Sample, then move the same bytes through the bare echo (the socket floor), each cycle."""
     from common.replay_client import LearnerReplayClient
 
     latencies: list[float] = []
     reply_bytes: list[int] = []
     idle: list[float] = []
-    with LearnerReplayClient(config.transport.replay_endpoint, config.transport) as client:
-        for _ in range(IDLE_SAMPLES):
-            start = time.perf_counter()
-            reply, _ = client.try_sample(settings.sample_trees, learner_version=0)
-            if reply.ready:
-                idle.append((time.perf_counter() - start) * 1000)
-        conn.send("ready")
-        conn.recv()
-        while not conn.poll(settings.sample_interval_s):
-            start = time.perf_counter()
-            reply, trees = client.try_sample(settings.sample_trees, learner_version=0)
-            if reply.ready:
-                latencies.append((time.perf_counter() - start) * 1000)
-                reply_bytes.append(sum(len(m) for t in trees for m in t.messages))
-        conn.send((latencies, reply_bytes, idle))
+    floor: list[float] = []
+    idle_floor: list[float] = []
+    shape = (1, 1)
+    bare = BareTransfer(echo_endpoint)
+    try:
+        with LearnerReplayClient(config.transport.replay_endpoint, config.transport) as client:
+            for _ in range(IDLE_SAMPLES):
+                start = time.perf_counter()
+                reply, trees = client.try_sample(settings.sample_trees, learner_version=0)
+                if reply.ready:
+                    idle.append((time.perf_counter() - start) * 1000)
+                    sizes = [len(m) for t in trees for m in t.messages]
+                    shape = (len(sizes), sum(sizes) // len(sizes))
+                    idle_floor.append(bare.time_ms(*shape))
+            conn.send("ready")
+            conn.recv()
+            while not conn.poll(settings.sample_interval_s):
+                start = time.perf_counter()
+                reply, trees = client.try_sample(settings.sample_trees, learner_version=0)
+                if reply.ready:
+                    latencies.append((time.perf_counter() - start) * 1000)
+                    reply_bytes.append(sum(len(m) for t in trees for m in t.messages))
+                    del trees
+                    floor.append(bare.time_ms(*shape))
+    finally:
+        bare.close()
+    conn.send((latencies, reply_bytes, idle, floor, idle_floor))
 
 
 def _server_main(config: RunConfig) -> None:
@@ -200,7 +218,11 @@ def run_replay_bench(settings: BenchSettings, work_dir: Path | None = None) -> d
         # The idle baseline is taken before the clients start: their start-up (encoding every
         # message) would otherwise share the 2 cores with it.
         sampler_pipe, sampler_child = ctx.Pipe()
-        sampler = ctx.Process(target=_sampler_main, args=(config, settings, sampler_child), daemon=True)
+        echo_endpoint = free_endpoint()
+        echo = ctx.Process(target=echo_main, args=(echo_endpoint,), daemon=True)
+        echo.start()
+        processes.append(echo)
+        sampler = ctx.Process(target=_sampler_main, args=(config, settings, echo_endpoint, sampler_child), daemon=True)
         sampler.start()
         processes.append(sampler)
         if not sampler_pipe.poll(300):
@@ -223,7 +245,7 @@ def run_replay_bench(settings: BenchSettings, work_dir: Path | None = None) -> d
         results = [_expect(pipe, "done", 600) for pipe in client_pipes]
         wall = time.perf_counter() - start
         sampler_pipe.send("stop")
-        latencies, reply_bytes, idle = sampler_pipe.recv()
+        latencies, reply_bytes, idle, floor, idle_floor = sampler_pipe.recv()
         acked = sum(r[2] for r in results)
         ingest = ingest_bytes / wall / 1e6
         lat = np.array(latencies) if latencies else np.array([float("nan")])
@@ -235,6 +257,10 @@ def run_replay_bench(settings: BenchSettings, work_dir: Path | None = None) -> d
             "sample_p99_ms": round(float(np.percentile(lat, 99)), 2),
             "samples": len(latencies),
             "sample_idle_p50_ms": round(float(np.percentile(idle, 50)), 2) if idle else None,
+            "socket_floor_p50_ms": _percentile(floor, 50),
+            "socket_floor_p99_ms": _percentile(floor, 99),
+            "socket_floor_idle_p50_ms": _percentile(idle_floor, 50),
+            "sample_p50_ms_per_tree": round(float(np.percentile(lat, 50)) / settings.sample_trees, 3),
             "sample_batch_trees": settings.sample_trees,
             "sample_reply_mb": round(float(np.mean(reply_bytes)) / 1e6, 2) if reply_bytes else None,
             "clients": settings.clients,
@@ -252,6 +278,10 @@ def run_replay_bench(settings: BenchSettings, work_dir: Path | None = None) -> d
                 proc.terminate()
             proc.join(timeout=10)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
 
 
 def _expect(pipe: Connection, tag: str, timeout_s: float) -> tuple[Any, ...]:
