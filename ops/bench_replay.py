@@ -225,8 +225,10 @@ def run_replay_bench(settings: BenchSettings, work_dir: Path | None = None) -> d
         sampler = ctx.Process(target=_sampler_main, args=(config, settings, echo_endpoint, sampler_child), daemon=True)
         sampler.start()
         processes.append(sampler)
-        if not sampler_pipe.poll(300):
-            raise TimeoutError("the sampler process did not finish its idle samples within 300 s")
+        deadline = time.monotonic() + 300
+        while not sampler_pipe.poll(0.5):
+            if not sampler.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the sampler process died or did not finish its idle samples within 300 s")
         sampler_pipe.recv()
 
         client_pipes = []

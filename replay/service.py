@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import queue
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -76,6 +77,7 @@ _BATCH_DONE, _SAMPLE_DONE = b"", b"s"
 # the GIL and the CPU to itself; this long at most, so a learner that samples without pause cannot
 # starve ingest.
 SAMPLE_PRIORITY_MAX_S = 0.05
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -147,6 +149,9 @@ class ReplayService:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
+            # This process is the service: the store thread gives the GIL up for every LMDB call and
+            # must not wait the default 5 ms to get it back from an IO thread busy in Python.
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         log.info("replay_serving", endpoint=self.endpoint, dir=str(self.store.path), **self._brief_stats())
         try:
             self.run()
