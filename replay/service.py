@@ -10,13 +10,14 @@ While the store thread waits for a commit to reach the disk, the IO thread valid
 batch, so validation and fsync overlap. The IO thread hands over a new batch only when the store
 thread is idle (a batch grows while a commit runs) and waits at most `commit_max_delay_ms` to fill
 a small one. Requests jump ahead of waiting batches, so a learner never waits behind more than one
-commit, and the byte bound keeps that commit's fsync short. While a sample request is being answered
-the IO thread receives and forwards but validates nothing (for at most SAMPLE_PRIORITY_MAX_S), so
-the store thread does not queue for the GIL behind validation. A sample's messages go out as
-zero-copy frames over LMDB's own pages, or pooled copies (`replay.reply_buffers`). Replies travel back
-over an inproc socket, and an ack is sent only after the commit that holds its subtree. Nothing a peer sends can
-stop either thread: every bad message gets an error reply (or is dropped when even the sender
-cannot be told) and is counted by its error code.
+commit, and the byte bound keeps that commit's fsync short. While a sample request is being
+answered the IO thread receives and forwards but validates nothing (for at most
+SAMPLE_PRIORITY_MAX_S), so the store thread does not queue for the GIL behind validation. A
+sample's messages go out as zero-copy frames over LMDB's own pages, or pooled copies
+(`replay.reply_buffers`). Replies travel back over an inproc socket, and an ack is sent only after
+the commit that holds its subtree. Nothing a peer sends can stop either thread: every bad message
+gets an error reply (or is dropped when even the sender cannot be told) and is counted by its
+error code.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class ReplayService:
         self.endpoint = endpoint or config.transport.replay_endpoint
         self.max_message_bytes = config.transport.max_message_bytes
         check_replay_config(config.replay, int(config.replay.map_size_gb * 1024**3))
+        # Two ZeroMQ IO threads: a 16 MB sample reply need not queue behind the actors' ingest in one.
         self.ctx = zmq.Context(io_threads=2)
         self._server: ServerSocket | None = None
         try:
