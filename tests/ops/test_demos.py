@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from common.config import ConfigError, RunConfig, build_config
+from ops.cli import app
 from ops.demos import (
     DEMO_WORLD_STRIDE,
     MISTAKES,
@@ -23,7 +23,6 @@ from ops.demos import (
     split_count,
     write_demos,
 )
-from ops.sft_cmd import sft_app
 from tools_env.factory import prepare_tasks
 from tools_env.scoring import exact_match
 from tools_env.task import Task
@@ -180,23 +179,12 @@ def test_a_line_that_is_not_json_names_its_line(tmp_path: Path) -> None:
         read_demos(path)
 
 
-def root_app() -> typer.Typer:
-    root = typer.Typer()
-
-    @root.callback()
-    def _root() -> None:
-        """Root."""
-
-    root.add_typer(sft_app, name="sft")
-    return root
-
-
 def test_cli_writes_demos_and_prints_counts(world_overrides: list[str], tmp_path: Path) -> None:
     out = tmp_path / "demos.jsonl"
     args = ["sft", "demos", "--out", str(out), "--n", "5"]
     for override in [*world_overrides, "sft.imperfect_fraction=0.4"]:
         args += ["--set", override]
-    result = CliRunner().invoke(root_app(), args)
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["n_demos"] == 5 and summary["n_imperfect"] == 2 and summary["out"] == str(out)
@@ -207,7 +195,7 @@ def test_cli_bad_config_exits_2(world_overrides: list[str], tmp_path: Path) -> N
     args = ["sft", "demos", "--out", str(tmp_path / "d.jsonl")]
     for override in [*world_overrides, 'env.tools=["python"]']:
         args += ["--set", override]
-    result = CliRunner().invoke(root_app(), args)
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "search tool" in result.output
 
