@@ -131,8 +131,10 @@ class SearchConfig(_Section):
     topk: int = Field(3, ge=1, le=100, description="passages per query")
     timeout_s: float = Field(5.0, gt=0, description="HTTP retriever: time limit of one request")
     retries: int = Field(2, ge=0, description="HTTP retriever: retries after a failed request")
-    result_style: Literal["search_r1", "page"] = Field(
-        "page", description="search_r1: `Doc i(Title: t) text`; page: `Page i: contents` (ARPO/AT2PO)"
+    result_style: Literal["search_r1", "page", "snippet"] = Field(
+        "page",
+        description="search_r1: `Doc i(Title: t) text`; page: `Page i: contents` (ARPO/AT2PO); snippet: page with "
+        "each text cut to its sentence sharing most words with the query",
     )
 
 

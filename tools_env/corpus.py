@@ -9,7 +9,10 @@ Decided interface:
 - `ScoredPassage(passage, score)` is what every retriever (local index or HTTP client) returns.
 - `format_results(results, style)` renders results for the model: "search_r1" reproduces Search-R1's
   `Doc i(Title: <first line of contents>) <rest of contents>` lines byte for byte (the first line keeps its
-  quotes, each line ends in a newline); "page" gives AT²PO/ARPO `Page i: <contents>` lines joined by newlines.
+  quotes, each line ends in a newline); "page" gives AT²PO/ARPO `Page i: <contents>` lines joined by newlines;
+  "snippet" is "page" with each passage's text cut to its one sentence that shares the most words with the
+  query (`query=` is then required; ties go to the earliest sentence), as a web search engine shows a snippet
+  rather than the page: a much shorter observation, for small policies and short budgets.
   Results are deduplicated by contents (first kept) before numbering, then optionally limited and capped.
 """
 
@@ -17,13 +20,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
-ResultStyle = Literal["search_r1", "page"]
-RESULT_STYLES: tuple[ResultStyle, ...] = ("search_r1", "page")
+ResultStyle = Literal["search_r1", "page", "snippet"]
+RESULT_STYLES: tuple[ResultStyle, ...] = ("search_r1", "page", "snippet")
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+_WORD = re.compile(r"\w+")
 
 
 class CorpusError(ValueError):
@@ -158,10 +164,13 @@ def format_results(
     style: ResultStyle = "search_r1",
     max_chars: int | None = None,
     limit: int | None = None,
+    query: str | None = None,
 ) -> str:
     """Render retrieval results as the text the model reads; max_chars caps each passage's contents."""
     if style not in RESULT_STYLES:
         raise ValueError(f"unknown result style {style!r}; expected one of {', '.join(RESULT_STYLES)}")
+    if style == "snippet" and query is None:
+        raise ValueError("the snippet style needs the query the results answer")
     if max_chars is not None and max_chars < 1:
         raise ValueError(f"max_chars must be at least 1, got {max_chars}")
     if limit is not None and limit < 0:
@@ -169,6 +178,9 @@ def format_results(
     contents_list = dedupe_contents(results)
     if limit is not None:
         contents_list = contents_list[:limit]
+    if style == "snippet":
+        words = query_words(query or "")
+        contents_list = [snippet_contents(contents, words) for contents in contents_list]
     if max_chars is not None:
         contents_list = [contents[:max_chars] for contents in contents_list]
     if style == "search_r1":
@@ -178,3 +190,18 @@ def format_results(
             lines.append(f"Doc {number}(Title: {title}) {text}\n")
         return "".join(lines)
     return "\n".join(f"Page {number}: {contents}" for number, contents in enumerate(contents_list, start=1))
+
+
+def query_words(text: str) -> frozenset[str]:
+    """The lower-cased words of a query, as snippet selection matches them."""
+    return frozenset(word.lower() for word in _WORD.findall(text))
+
+
+def snippet_contents(contents: str, words: frozenset[str]) -> str:
+    """`contents` with its text cut to the sentence sharing the most words with the query (earliest on ties)."""
+    title, text = parse_contents(contents)
+    sentences = [sentence for sentence in _SENTENCE_BREAK.split(text.strip()) if sentence]
+    if not sentences:
+        return contents
+    best = max(sentences, key=lambda sentence: len(words & query_words(sentence)))
+    return Passage("", title, best).contents

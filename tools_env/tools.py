@@ -121,7 +121,8 @@ class SearchTool:
         passages = [scored.passage for per_query in results for scored in per_query]
         if not passages:
             return ToolOutcome("No results found.", latency_s=latency_s)
-        return ToolOutcome(format_results(passages, self.result_style), latency_s=latency_s)
+        text = format_results(passages, self.result_style, query=" ".join(queries))
+        return ToolOutcome(text, latency_s=latency_s)
 
 
 class PythonTool:

@@ -158,6 +158,26 @@ def test_page_format() -> None:
     assert format_results([A, B], style="page") == 'Page 1: "Alpha"\nalpha text\nPage 2: "Beta"\nbeta text\nsecond line'
 
 
+LONG = Passage(
+    "p9",
+    "Orku Institute",
+    "Orku Institute is a university. It was founded in 1617! Orku Institute is led by its rector, Thosher Jusins. "
+    "The rector of Orku Institute is Thosher Jusins.",
+)
+
+
+def test_snippet_keeps_the_sentence_sharing_most_query_words() -> None:
+    head = 'Page 1: "Orku Institute"\n'
+    text = format_results([LONG, B], style="snippet", query="Orku Institute rector")
+    assert text == head + 'Orku Institute is led by its rector, Thosher Jusins.\nPage 2: "Beta"\nbeta text\nsecond line'
+    # matching ignores case and punctuation; a sentence ending in "!" is a sentence too
+    assert format_results([LONG], style="snippet", query="FOUNDED?") == head + "It was founded in 1617!"
+    # no word in common: the first sentence (ties go to the earliest)
+    assert format_results([LONG], style="snippet", query="zzz") == head + "Orku Institute is a university."
+    with pytest.raises(ValueError, match="needs the query"):
+        format_results([LONG], style="snippet")
+
+
 def test_duplicates_are_dropped_keeping_the_first_and_numbering_stays_dense() -> None:
     text = format_results([ScoredPassage(A, 3.0), ScoredPassage(A_COPY, 2.0), ScoredPassage(B, 1.0)])
     assert text.count("alpha text") == 1

@@ -53,6 +53,12 @@ def test_search_accepts_a_query_list_and_reports_no_results(local_search: Search
     assert nothing.text == "No results found." and not nothing.failed
 
 
+def test_snippet_search_shows_the_matching_sentence_of_each_page(local_search: SearchTool) -> None:
+    snippets = SearchTool(local_search.retriever, topk=1, result_style="snippet")
+    outcome = asyncio.run(snippets.execute({"query": "Tavrel Ommick works"}))
+    assert outcome.text == 'Page 1: "Tavrel Ommick"\nTavrel Ommick was born in Quenmoor and works for Dishodor Mills.'
+
+
 @pytest.mark.parametrize("arguments", [{"query": 5}, {"query": ["a"]}, {}, {"query_list": [1, 2]}])
 def test_search_with_bad_arguments_is_an_observation(local_search: SearchTool, arguments: dict) -> None:
     outcome = asyncio.run(local_search.execute(arguments))
