@@ -283,6 +283,7 @@ class Learner:
                 "staleness_max": max(staleness) if staleness else math.nan,
                 "groups": float(len(groups)),
                 "groups_incomplete": float(self.assembler.groups_incomplete),
+                "redelivered_dropped": float(self.assembler.redelivered_dropped),
                 "held_trees": float(self.assembler.held_trees),
                 "sample_wait_s": wait_s,
                 "publish_s": publish_s,

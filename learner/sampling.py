@@ -6,6 +6,11 @@ Decided here:
   arrived; a group still incomplete after `wait_steps` updates trains with what it has (its credit
   then normalises over fewer trees; counted as `groups_incomplete`). For single-tree builders
   (chain, arpo, at2po) group_size is 1 and every tree is a group at once.
+- Replay may hand a tree out again after it crashed between its sample reply and the commit that
+  recorded it (the reply goes out first, see `replay.store.TreeStore.sample`). The assembler drops
+  a tree whose (tree_id, times_sampled) it already took among the last `DELIVERIES_REMEMBERED`,
+  counted as `redelivered_dropped`; a deliberate re-sample (uniform sampling) has a higher
+  times_sampled and is kept.
 - Trees the assembler holds are part of the learner's sampling state: replay handed them out already,
   so a checkpoint stores them (`encode_sampled`) and a resume puts them back.
 - `encode_sampled`/`decode_sampled` frame sampled trees as bytes without pickle: an 8-byte big-endian
@@ -26,6 +31,7 @@ from common.wire import SampledTreeInfo
 
 _HEADER = struct.Struct(">Q")
 FRAMING_VERSION = 1
+DELIVERIES_REMEMBERED = 65536
 
 
 class FramingError(ValueError):
@@ -105,10 +111,20 @@ class GroupAssembler:
         self.group_size = group_size
         self.wait_steps = wait_steps
         self._waiting: OrderedDict[str, _Waiting] = OrderedDict()
+        self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.groups_incomplete = 0
+        self.redelivered_dropped = 0
 
     def add(self, items: list[TreeItem]) -> None:
         for item in items:
+            info = item.sampled.info
+            key = (info.tree_id, info.times_sampled)
+            if key in self._delivered:
+                self.redelivered_dropped += 1
+                continue
+            self._delivered[key] = None
+            if len(self._delivered) > DELIVERIES_REMEMBERED:
+                self._delivered.popitem(last=False)
             self._waiting.setdefault(item.tree.task_id, _Waiting([])).items.append(item)
 
     @property

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ from common.wire import (
 )
 from replay.limits import check_replay_config
 from replay.reply_buffers import ReplyBuffers
-from replay.store import IngestItem, SampleRequestError, StoreError, TreeStore
+from replay.store import IngestItem, SampleDecision, SampleRequestError, StoreError, TreeStore
 
 log = get_logger("replay.service")
 
@@ -331,7 +332,9 @@ class ReplayService:
                         replies.send_multipart(frames, copy=False)
                     replies.send(_BATCH_DONE)
                 elif isinstance(work, _Request):
-                    replies.send_multipart(self._answer(work), copy=False)
+                    answer = self._answer(work, lambda frames: replies.send_multipart(frames, copy=False))
+                    if answer is not None:
+                        replies.send_multipart(answer, copy=False)
                     if isinstance(work.message, SampleRequestMsg):
                         replies.send(_SAMPLE_DONE)
                 now = time.monotonic()
@@ -362,18 +365,30 @@ class ReplayService:
                 out.append(self._error_frames(p.identity, p.req, outcome.error, outcome.message))
         return out
 
-    def _answer(self, request: _Request) -> list[Any]:
+    def _answer(self, request: _Request, send: Callable[[list[Any]], None]) -> list[Any] | None:
+        """The reply frames to send, or None when the answer already went out through `send`."""
         message = request.message
+        sent = False
+
+        def send_early(frames: list[Any]) -> None:
+            nonlocal sent
+            send([request.identity, *frames])
+            sent = True
+
         try:
-            return [request.identity, *self._handle_request(message)]
+            frames = self._handle_request(message, send_early)
+            return None if frames is None else [request.identity, *frames]
         except SampleRequestError as error:
             return self._error_frames(request.identity, message.req, ErrorCode.BAD_REQUEST, str(error))
         except StoreError as error:
-            log.error("replay_request_failed", kind=message.kind, error=str(error))
+            log.error("replay_request_failed", kind=message.kind, error=str(error), answered=sent)
+            if sent:  # the sample reply left before its bookkeeping commit failed: its trees stay sampleable
+                self.counters.inc("sample_commit_failures")
+                return None
             detail = f"store error, retry later: {error}"
             return self._error_frames(request.identity, message.req, ErrorCode.INTERNAL, detail)
 
-    def _handle_request(self, message: WireMessage) -> list[Any]:
+    def _handle_request(self, message: WireMessage, send_early: Callable[[list[Any]], None]) -> list[Any] | None:
         if isinstance(message, LeaseRequestMsg):
             self.counters.inc("lease_requests")
             decision = self.store.grant_leases(
@@ -391,35 +406,14 @@ class ReplayService:
             return encode_message(grant)
         if isinstance(message, SampleRequestMsg):
             self.counters.inc("sample_requests")
-            decision = self.store.sample(
-                message.request_id, message.n, message.learner_version, sink=self._reply_buffers.frames
+            self.store.sample(
+                message.request_id,
+                message.n,
+                message.learner_version,
+                sink=self._reply_buffers.frames,
+                reply=lambda decision: send_early(self._sample_reply(message, decision)),
             )
-            infos, blobs = [], []
-            for tree in decision.trees:
-                record = tree.record
-                infos.append(
-                    SampledTreeInfo(
-                        tree_id=record.tree_id,
-                        task_id=record.task_id or "",
-                        actor_id=record.actor_id,
-                        n_messages=len(tree.messages),
-                        min_version=record.min_version,
-                        max_version=record.max_version,
-                        staleness=tree.staleness,
-                        times_sampled=record.times_sampled,
-                    )
-                )
-                blobs.extend(tree.messages)
-            if not decision.ready:
-                self.counters.inc("sample_not_ready")
-            reply = SampleReplyMsg(
-                req=message.req,
-                request_id=message.request_id,
-                ready=decision.ready,
-                reason=decision.reason,
-                trees=infos,
-            )
-            return encode_message(reply, blobs)
+            return None
         if isinstance(message, VersionMsg):
             self.counters.inc("version_reports")
             self.store.set_learner_version(message.version)
@@ -427,6 +421,35 @@ class ReplayService:
         if isinstance(message, StatsRequestMsg):
             return encode_message(StatsReplyMsg(req=message.req, stats=self.stats()))
         raise AssertionError(f"unhandled request {message.kind}")
+
+    def _sample_reply(self, message: SampleRequestMsg, decision: SampleDecision) -> list[Any]:
+        """The sample reply's frames: the trees' infos, then their Arrow messages as the store gave them."""
+        infos, blobs = [], []
+        for tree in decision.trees:
+            record = tree.record
+            infos.append(
+                SampledTreeInfo(
+                    tree_id=record.tree_id,
+                    task_id=record.task_id or "",
+                    actor_id=record.actor_id,
+                    n_messages=len(tree.messages),
+                    min_version=record.min_version,
+                    max_version=record.max_version,
+                    staleness=tree.staleness,
+                    times_sampled=record.times_sampled,
+                )
+            )
+            blobs.extend(tree.messages)
+        if not decision.ready:
+            self.counters.inc("sample_not_ready")
+        reply = SampleReplyMsg(
+            req=message.req,
+            request_id=message.request_id,
+            ready=decision.ready,
+            reason=decision.reason,
+            trees=infos,
+        )
+        return encode_message(reply, blobs)
 
     # ------------------------------------------------------------------------------ helpers
 

@@ -392,12 +392,20 @@ class TreeStore:
 
     # ------------------------------------------------------------------------------ transactions
 
-    def _transact(self, body: Callable[[lmdb.Transaction], Any]) -> Any:
-        """Run `body` in one write transaction; on failure nothing is applied and caches are rebuilt."""
+    def _transact(
+        self, body: Callable[[lmdb.Transaction], Any], before_commit: Callable[[Any], Any] | None = None
+    ) -> Any:
+        """Run `body` in one write transaction; on failure nothing is applied and caches are rebuilt.
+
+        `before_commit(result)` runs after the body, before the commit (and its fsync); what it returns
+        is returned instead of the body's result. An exception in it aborts the transaction.
+        """
         txn = self.env.begin(write=True)
         try:
             result = body(txn)
             txn.put(_COUNTERS_KEY, json.dumps(self.counters).encode(), db=self.db_meta)
+            if before_commit is not None:
+                result = before_commit(result)
             txn.commit()
         except BaseException as error:
             txn.abort()
@@ -719,19 +727,39 @@ class TreeStore:
         self.retired_bytes += record.nbytes
         self._put_record(txn, record)
 
-    def sample(self, request_id: str, n: int, learner_version: int, sink: MessageSink | None = None) -> SampleDecision:
+    def sample(
+        self,
+        request_id: str,
+        n: int,
+        learner_version: int,
+        sink: MessageSink | None = None,
+        reply: Callable[[SampleDecision], None] | None = None,
+    ) -> SampleDecision:
         """Hand out n completed trees (all or none); a repeated request_id returns the same trees.
 
-        The trees' messages are read after the bookkeeping commit, from a read transaction, and
-        passed to `sink` as LMDB buffers (valid during that call, or until the pin the sink kept is
-        released); its results become the trees' `messages`. The default sink copies them into bytes.
+        The trees' messages are read from a read transaction (the last committed state, which holds
+        every subtree of a completed tree) and passed to `sink` as LMDB buffers (valid during that
+        call, or until the pin the sink kept is released); its results become the trees' `messages`.
+        The default sink copies them into bytes.
+
+        `reply(decision)`, when given, is called with the decision before the bookkeeping commit
+        (times sampled, FIFO retirement, the remembered batch) is fsynced, so the answer travels while
+        the disk writes: a sample's latency does not include its own fsync. The price: if replay dies
+        between the reply and the end of that commit, the same trees can be handed out again after
+        the restart (the learner drops trees it has already trained on, see `learner.sampling`). If
+        the commit fails, the in-memory state is rebuilt from the store and the error is raised after
+        the reply went out.
         """
         if n > self.config.capacity_trees:
             raise SampleRequestError(
                 f"asked for {n} trees but the store holds at most replay.capacity_trees={self.config.capacity_trees}"
             )
+        sink = sink or copy_messages
         if request_id in self.batches:
-            return self._replay_batch(request_id, sink or copy_messages)
+            decision = self._replay_batch(request_id, sink)
+            if reply is not None:
+                reply(decision)
+            return decision
         if learner_version > self.learner_version:
             self.set_learner_version(learner_version)
 
@@ -756,10 +784,17 @@ class TreeStore:
             self._remember_batch(txn, request_id, chosen)
             return picked
 
-        outcome = self._transact(body)
-        if isinstance(outcome, SampleDecision):
-            return outcome
-        return SampleDecision(True, "", self._read_trees(outcome, sink or copy_messages))
+        def answer(outcome: SampleDecision | list[tuple[TreeRecord, int]]) -> SampleDecision:
+            decision = (
+                outcome
+                if isinstance(outcome, SampleDecision)
+                else SampleDecision(True, "", self._read_trees(outcome, sink))
+            )
+            if reply is not None:
+                reply(decision)
+            return decision
+
+        return self._transact(body, before_commit=answer)
 
     def _read_trees(self, picked: Sequence[tuple[TreeRecord, int]], sink: MessageSink) -> list[SampledTree]:
         """The picked trees' messages through `sink`, all from one read transaction (zero-copy buffers)."""

@@ -100,6 +100,17 @@ def test_a_task_with_more_trees_than_the_group_size_makes_several_groups() -> No
     assert [t.info.tree_id for t in assembler.held()] == ["c"]
 
 
+def test_a_redelivered_tree_is_dropped_but_a_resample_is_kept() -> None:
+    assembler = GroupAssembler(group_size=1, wait_steps=0)
+    first = sampled("a", "x")
+    again = sampled("a", "x")  # replay handed it out again after a crash: same times_sampled
+    base = sampled("a", "x")  # a deliberate second sample (uniform sampling) counts one more
+    resampled = SampledTree(info=base.info.model_copy(update={"times_sampled": 2}), messages=base.messages)
+    assembler.add([TreeItem.decode(first), TreeItem.decode(again), TreeItem.decode(resampled)])
+    assert [[i.sampled.info.times_sampled for i in g] for g in assembler.take()] == [[1], [2]]
+    assert assembler.redelivered_dropped == 1
+
+
 def test_assembler_validates_arguments() -> None:
     with pytest.raises(ValueError):
         GroupAssembler(group_size=0, wait_steps=0)

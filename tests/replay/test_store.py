@@ -11,6 +11,7 @@ Helpers come from the `kit` fixture (tests/replay/conftest.py). Time is a fake c
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from types import SimpleNamespace
@@ -21,7 +22,16 @@ import pytest
 from common.subtree import assemble_tree
 from common.tree import TurnTree
 from common.wire import ErrorCode
-from replay.store import ReadPin, SampleRequestError, StoreError, TreeState, TreeStore, parse_tree_id
+from replay.store import (
+    _COUNTERS_KEY,
+    ReadPin,
+    SampleDecision,
+    SampleRequestError,
+    StoreError,
+    TreeState,
+    TreeStore,
+    parse_tree_id,
+)
 
 
 def assert_same_tree(got: TurnTree, want: TurnTree) -> None:
@@ -382,6 +392,40 @@ def test_fifo_hands_each_tree_out_once_whatever_max_times_sampled(kit: SimpleNam
         kit.complete(store, tree_id, seed=int(tree_id))
     assert [kit.ids(store.sample(f"r{i}", 1, 0)) for i in range(4)] == [["0"], ["1"], ["2"], []]
     assert store.stats()["samples"] == 3 and store.stats()["retired_kept"] == 3
+
+
+def test_the_sample_reply_goes_out_before_its_bookkeeping_commits(kit: SimpleNamespace) -> None:
+    store = kit.open(kit.config(trees_per_step=1))
+    for tree_id in kit.lease(store, 2):
+        kit.complete(store, tree_id, seed=int(tree_id))
+    seen: list[tuple[list[str], int]] = []
+
+    def reply(decision: SampleDecision) -> None:
+        with store.env.begin() as txn:  # what is on disk while the reply leaves
+            committed = json.loads(bytes(txn.get(_COUNTERS_KEY, db=store.db_meta)))
+        seen.append((kit.ids(decision), committed["samples"]))
+
+    decision = store.sample("r1", 1, 0, reply=reply)
+    assert seen == [(["0"], 0)] and kit.ids(decision) == ["0"]
+    assert store.stats()["samples"] == 1
+    # a repeated request is answered through the same callback
+    store.sample("r1", 1, 0, reply=reply)
+    assert seen[-1][0] == ["0"]
+
+
+def test_a_reply_whose_commit_fails_leaves_the_trees_to_be_handed_out_again(kit: SimpleNamespace) -> None:
+    store = kit.open(kit.config(trees_per_step=1))
+    for tree_id in kit.lease(store, 2):
+        kit.complete(store, tree_id, seed=int(tree_id))
+
+    def reply_then_fail(decision: SampleDecision) -> None:
+        raise RuntimeError("the commit after this reply failed")
+
+    with pytest.raises(RuntimeError):
+        store.sample("r1", 1, 0, reply=reply_then_fail)
+    # at-least-once: nothing was recorded, so the same FIFO tree comes out again
+    assert kit.ids(store.sample("r2", 1, 0)) == ["0"]
+    assert store.stats()["samples"] == 1
 
 
 def test_a_sample_sink_sees_lmdb_buffers_once_per_batch_and_its_results_are_the_messages(
