@@ -211,7 +211,11 @@ class ActorConfig(_Section):
     seed: int = Field(0, description="seed of task order and sampling")
     max_trees: int | None = Field(None, ge=1, description="stop after this many trees; unset = until SIGTERM")
     weights_timeout_s: float = Field(60.0, gt=0, description="time limit of one weight fetch")
-    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads; unset = torch's default")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads; unset = torch's default (`at2po run` splits the cores between roles)",
+    )
     vllm_max_model_len: int = Field(4096, ge=64, description="vllm: longest context plus generation")
     vllm_kv_cache_gb: float = Field(1.0, gt=0, description="vllm on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
 
@@ -221,7 +225,11 @@ class LearnerConfig(_Section):
 
     processes: int = Field(1, ge=1, description="data-parallel learner processes on this machine (gloo on CPU)")
     master_port: int | None = Field(None, ge=1, le=65535, description="torch.distributed port; unset = a free one")
-    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per process; unset = torch's default")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads per process; unset = torch's default (`at2po run` splits the cores)",
+    )
     credit: str = Field("at2po", description="credit method: grpo, tree-grpo, at2po or a registered name")
     credit_std: Literal["population", "unbiased"] | None = Field(
         None, description="std of reward normalisation; unset = the method's default"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import pytest
+from rich.console import Console
+
 from common.config import load_config
-from ops.local_run import RunPaths, headline_em, resolve_run_config
+from ops.local_run import LocalRun, RunPaths, headline_em, resolve_run_config, role_threads
 from ops.report import PLOTS, write_report
+from ops.roles import RoleSpec
 from ops.run_metrics import MetricsTail, RunHistory
 
 
@@ -103,6 +108,33 @@ def test_run_config_gets_local_paths_and_free_ports(tmp_path: Path) -> None:
         load_config(None, ["transport.replay_endpoint=tcp://127.0.0.1:7777"]), RunPaths(tmp_path)
     )
     assert fixed.transport.replay_endpoint == "tcp://127.0.0.1:7777"
+
+
+def test_role_threads_split_the_cores_between_torch_processes() -> None:
+    assert [role_threads(2, n) for n in (1, 2, 3)] == [2, 1, 1]
+    assert role_threads(16, 3) == 5 and role_threads(4, 0) == 4
+
+
+def argv_sets(spec: RoleSpec) -> list[str]:
+    return [spec.argv[i + 1] for i, arg in enumerate(spec.argv) if arg == "--set"]
+
+
+def test_roles_get_a_share_of_the_cores_unless_the_config_names_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ops.local_run.available_cores", lambda: 8)
+    run = LocalRun(load_config(None, ["supervisor.actors=3"]), tmp_path / "run", console=Console(file=io.StringIO()))
+    specs = {spec.name: spec for spec in run._role_specs(tmp_path / "model")}
+    for name in ("actor-0", "actor-1", "actor-2"):
+        assert "actor.torch_threads=2" in argv_sets(specs[name])  # 8 cores over 3 actors + 1 learner
+    assert "learner.torch_threads=2" in argv_sets(specs["learner"])
+    assert not any("torch_threads" in arg for arg in argv_sets(specs["replay"]))
+    named = LocalRun(
+        load_config(None, ["actor.torch_threads=3"]), tmp_path / "named", console=Console(file=io.StringIO())
+    )
+    specs = {spec.name: spec for spec in named._role_specs(tmp_path / "model")}
+    assert not any("torch_threads" in arg for arg in argv_sets(specs["actor-0"]))  # the config's 3 applies
+    assert "learner.torch_threads=2" in argv_sets(specs["learner"])  # 8 cores over 2 actors + 1 learner
 
 
 def test_headline_em_prefers_the_size_weighted_mean() -> None:
