@@ -12,7 +12,9 @@ Phases (each one logged, the whole run bounded by `supervisor.max_minutes`):
    `actor.torch_threads` / `learner.torch_threads` are unset, the machine's cores are split between
    the actor and learner processes (`role_threads`) and passed on their command lines: each torch
    process otherwise takes every core, and 3 of them on 2 cores ran 6x slower (0.13 against 0.8
-   trees/s, measured); the warm start and evaluations, which run alone, keep every core;
+   trees/s, measured); the warm start and evaluations, which run alone, keep every core. Periodic
+   held-out evaluations (`supervisor.eval_every_steps`) run as a process beside the roles, with one
+   torch thread, so supervision goes on meanwhile; one still running when training ends is stopped;
 6. held-out evaluation of the learner's last checkpoint, `summary.json`, and the report.
 
 Ctrl-C stops every role cleanly (actors, then the learner, which checkpoints, then replay) and still
@@ -119,6 +121,17 @@ def resolve_run_config(config: RunConfig, paths: RunPaths) -> RunConfig:
     return build_config(data)
 
 
+@dataclass
+class _BackgroundEval:
+    """A periodic held-out evaluation running beside the training roles."""
+
+    process: subprocess.Popen[bytes]
+    label: str
+    step: int
+    out: Path
+    started: float
+
+
 class LocalRun:
     """One `at2po run`: phases in order, with a live view while training."""
 
@@ -149,6 +162,7 @@ class LocalRun:
         self.em_final: float | None = None
         self.eval_seconds: float | None = None
         self.supervisor: Supervisor | None = None
+        self._background_eval: _BackgroundEval | None = None
 
     # ---------------------------------------------------------------------------------- helpers
 
@@ -190,12 +204,7 @@ class LocalRun:
         self._command("sft", self._at2po("sft", "run", "--config", str(self.paths.config), "--out", str(out)))
         return out
 
-    def evaluate(self, model_dir: Path, label: str, step: int) -> float | None:
-        """Greedy held-out EM (percent) of a model directory; also recorded as an `eval` metric."""
-        self.phase = f"eval {label}"
-        out = self.paths.evals / f"{label}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        started = time.monotonic()
+    def _eval_argv(self, model_dir: Path, out: Path, *overrides: str) -> list[str]:
         argv = self._at2po(
             "eval",
             "--config",
@@ -208,20 +217,28 @@ class LocalRun:
             "--out",
             str(out),
         )
-        self._command(f"eval-{label}", argv)
-        self.eval_seconds = time.monotonic() - started
+        return argv + [arg for override in overrides for arg in ("--set", override)]
+
+    def _record_eval(self, label: str, step: int, out: Path, seconds: float) -> float | None:
         report = json.loads(out.read_text(encoding="utf-8"))
         em = headline_em(report)
-        self.eval_records.emit("eval", label=label, step=step, em=em, seconds=self.eval_seconds)
+        self.eval_records.emit("eval", label=label, step=step, em=em, seconds=seconds)
         self.console.print(f"held-out EM ({label}): {em:.1f}" if em is not None else f"eval {label}: no EM")
         return em
 
-    def _evaluate_checkpoint(self, label: str, step: int) -> float | None:
-        """Evaluate the newest complete checkpoint's model; a failure is logged, not fatal.
+    def evaluate(self, model_dir: Path, label: str, step: int) -> float | None:
+        """Greedy held-out EM (percent) of a model directory; also recorded as an `eval` metric."""
+        self.phase = f"eval {label}"
+        out = self.paths.evals / f"{label}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        self._command(f"eval-{label}", self._eval_argv(model_dir, out))
+        self.eval_seconds = time.monotonic() - started
+        return self._record_eval(label, step, out, self.eval_seconds)
 
-        The model directory is first hard-linked (copied where links fail) under eval/models/, because
-        the learner prunes old checkpoints while an evaluation may still be reading one.
-        """
+    def _checkpoint_snapshot(self, label: str) -> Path | None:
+        """The newest complete checkpoint's model, hard-linked (copied where links fail) under eval/models/,
+        because the learner prunes old checkpoints while an evaluation may still be reading one."""
         latest = checkpoint.latest(self.paths.checkpoints)
         if latest is None:
             log.warning("no complete checkpoint to evaluate", label=label)
@@ -234,12 +251,58 @@ class LocalRun:
         except (OSError, shutil.Error) as error:
             log.warning("checkpoint vanished before it could be evaluated", label=label, error=str(error))
             return None
+        return snapshot
+
+    def _evaluate_checkpoint(self, label: str, step: int) -> float | None:
+        """Evaluate the newest complete checkpoint's model now; a failure is logged, not fatal."""
+        snapshot = self._checkpoint_snapshot(label)
+        if snapshot is None:
+            return None
         try:
             return self.evaluate(snapshot, label, step)
         except RuntimeError as error:
             log.warning("evaluation failed", label=label, error=str(error))
             self.supervisor_events(f"evaluation {label} failed: {error}")
             return None
+
+    def _start_background_eval(self, label: str, step: int) -> None:
+        """Evaluate the newest checkpoint in a process beside the training roles (one torch thread), so the
+        supervisor keeps watching the roles meanwhile; `_poll_background_eval` collects it."""
+        snapshot = self._checkpoint_snapshot(label)
+        if snapshot is None:
+            return
+        out = self.paths.evals / f"{label}.json"
+        argv = self._eval_argv(snapshot, out, "actor.torch_threads=1")
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        with (self.paths.logs / f"eval-{label}.log").open("ab") as handle:
+            process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._background_eval = _BackgroundEval(process, label, step, out, time.monotonic())
+
+    def _poll_background_eval(self, stop: bool = False) -> bool:
+        """Collect a finished background evaluation (`stop`: end one still running); True while one runs."""
+        pending = self._background_eval
+        if pending is None:
+            return False
+        code = pending.process.poll()
+        if code is None and not stop:
+            return True
+        self._background_eval = None
+        if code is None:
+            pending.process.terminate()
+            try:
+                pending.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pending.process.kill()
+                pending.process.wait()
+            self.supervisor_events(f"evaluation {pending.label} cut off: training ended first")
+            return False
+        if code != 0:
+            self.supervisor_events(
+                f"evaluation {pending.label} failed (exit {code}); see logs/eval-{pending.label}.log"
+            )
+            return False
+        self._record_eval(pending.label, pending.step, pending.out, time.monotonic() - pending.started)
+        return False
 
     def supervisor_events(self, text: str) -> None:
         if self.supervisor is not None:
@@ -333,9 +396,8 @@ class LocalRun:
                         break
                     self.history.add(self.tail.read_new())
                     step = self.history.learner_steps[-1]["step"] if self.history.learner_steps else 0
-                    if step >= next_eval_step:
-                        self._evaluate_checkpoint(f"step-{step}", step)
-                        self.phase = "training"
+                    if not self._poll_background_eval() and step >= next_eval_step:
+                        self._start_background_eval(f"step-{step}", step)
                         next_eval_step = step + self.config.supervisor.eval_every_steps
                     if live is not None:
                         live.update(self._view())
@@ -345,6 +407,7 @@ class LocalRun:
                     time.sleep(0.5)
         finally:  # whatever ends the loop (an error too), no role outlives the run
             self.phase = "stopping"
+            self._poll_background_eval(stop=True)
             self.console.print(f"stopping roles ({reason})")
             supervisor.stop([[n for n in supervisor.roles if n.startswith("actor")], ["learner"], ["replay"]])
             self._write_roles(supervisor)

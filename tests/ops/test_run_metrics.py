@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from common.config import load_config
-from ops.local_run import LocalRun, RunPaths, headline_em, resolve_run_config, role_threads
+from ops.local_run import LocalRun, RunPaths, _BackgroundEval, headline_em, resolve_run_config, role_threads
 from ops.report import PLOTS, write_report
-from ops.roles import RoleSpec
+from ops.roles import RoleSpec, Supervisor
 from ops.run_metrics import MetricsTail, RunHistory
 
 
@@ -135,6 +138,34 @@ def test_roles_get_a_share_of_the_cores_unless_the_config_names_threads(
     specs = {spec.name: spec for spec in named._role_specs(tmp_path / "model")}
     assert not any("torch_threads" in arg for arg in argv_sets(specs["actor-0"]))  # the config's 3 applies
     assert "learner.torch_threads=2" in argv_sets(specs["learner"])  # 8 cores over 2 actors + 1 learner
+
+
+def background(run: LocalRun, code: str, label: str) -> Path:
+    out = run.paths.evals / f"{label}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([sys.executable, "-c", code, str(out)])
+    run._background_eval = _BackgroundEval(process, label, 5, out, time.monotonic())
+    return out
+
+
+def test_a_background_evaluation_is_collected_when_done_and_cut_off_at_the_end(tmp_path: Path) -> None:
+    run = LocalRun(load_config(None), tmp_path / "run", console=Console(file=io.StringIO()))
+    run.supervisor = Supervisor([], max_restarts=0, grace_s=1.0)
+    background(run, "import json, sys; json.dump({'em_weighted_by_size': 12.5}, open(sys.argv[1], 'w'))", "step-5")
+    deadline = time.monotonic() + 30
+    while run._poll_background_eval():  # the training loop keeps supervising meanwhile
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    records = [json.loads(line) for line in (run.paths.metrics / "eval.jsonl").read_text().splitlines()]
+    assert [(r["label"], r["step"], r["em"]) for r in records] == [("step-5", 5, 12.5)]
+    slow = background(run, "import time; time.sleep(60)", "step-10")
+    assert run._poll_background_eval()  # still running
+    assert not run._poll_background_eval(stop=True)  # training ended: it is stopped, not waited for
+    assert not slow.exists() and any("step-10 cut off" in event for event in run.supervisor.events)
+    background(run, "import sys; sys.exit(3)", "step-15")
+    run._background_eval.process.wait()
+    assert not run._poll_background_eval()
+    assert any("step-15 failed (exit 3)" in event for event in run.supervisor.events)
 
 
 def test_headline_em_prefers_the_size_weighted_mean() -> None:
