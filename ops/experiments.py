@@ -34,6 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from common.config import RunConfig, build_config
+from common.log import get_logger
 from ops.local_run import LocalRun
 from ops.report import load_history
 
@@ -43,6 +44,8 @@ ALGORITHMS: dict[str, dict[str, str]] = {
     "arpo": {"tree.builder": "arpo", "learner.credit": "grpo"},
     "at2po": {"tree.builder": "at2po", "learner.credit": "at2po"},
 }
+
+log = get_logger("ops.experiments")
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,11 @@ def compare_variants(algorithms: Sequence[str], seeds: Sequence[int]) -> list[Va
 def run_sweep(
     config: RunConfig, variants: Sequence[Variant], out_dir: Path, token_budget: int | None = None
 ) -> SweepResult:
-    """Run every variant in turn; the first one makes and evaluates the warm start, the others reuse it."""
+    """Run every variant in turn; the first one makes and evaluates the warm start, the others reuse it.
+
+    Ctrl-C (or SIGTERM) ends the variant running then, as it ends `at2po run`, and the sweep with it:
+    results.json keeps the variants done so far, the interrupted one included.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     result = SweepResult(list(variants))
     em_warmstart: float | None = None
@@ -114,6 +121,9 @@ def run_sweep(
             json.dumps({"variants": [v.__dict__ for v in variants], "summaries": result.summaries}, indent=2) + "\n",
             encoding="utf-8",
         )
+        if summary.get("stopped_by") == "interrupted":
+            log.info("sweep interrupted", variant=variant.name, done=len(result.summaries), of=len(variants))
+            break
     return result
 
 

@@ -435,7 +435,7 @@ class LocalRun:
 
     def run(self) -> dict[str, Any]:
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
-        signal.signal(signal.SIGTERM, self._on_interrupt)
+        previous_term = signal.signal(signal.SIGTERM, self._on_interrupt)
         stopped_by = "budget"
         try:
             self.ensure_model()
@@ -450,6 +450,7 @@ class LocalRun:
                 self.em_final = self._evaluate_checkpoint("final", step)
         finally:
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
             self.eval_records.close()
             self.history.add(self.tail.read_new())
             summary = self.summary(stopped_by)

@@ -28,6 +28,7 @@ class RecordedRun:
     """Writes the metrics a run of this variant would leave: EM rises faster with more staleness."""
 
     calls: ClassVar[list[dict[str, Any]]] = []
+    interrupt_at: ClassVar[int | None] = None  # the max staleness whose run is stopped by Ctrl-C
 
     def __init__(self, config: Any, out_dir: Path, token_budget: int | None = None, em_warmstart: float | None = None):
         self.config, self.out, self.token_budget, self.em_warmstart = config, out_dir, token_budget, em_warmstart
@@ -57,6 +58,7 @@ class RecordedRun:
         (metrics / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
         seed = self.config.learner.seed
         return {
+            "stopped_by": "interrupted" if staleness == RecordedRun.interrupt_at else "budget",
             "em_warmstart": 20.0,
             "em_final": 22.0 + staleness + seed,
             "minutes": 5.0,
@@ -68,6 +70,7 @@ class RecordedRun:
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> None:
     RecordedRun.calls = []
+    RecordedRun.interrupt_at = None
     monkeypatch.setattr(experiments, "LocalRun", RecordedRun)
 
 
@@ -95,6 +98,14 @@ def test_staleness_sweep_table_and_plot(recorded: None, tmp_path: Path) -> None:
     assert plot_staleness(result, tmp_path).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["summaries"]) == {v.name for v in variants}
+
+
+def test_ctrl_c_in_one_variant_ends_the_sweep_with_what_was_done(recorded: None, tmp_path: Path) -> None:
+    RecordedRun.interrupt_at = 1
+    result = run_sweep(load_config(None), staleness_variants([0, 1, 4], [2]), tmp_path)
+    assert [c["out"] for c in RecordedRun.calls] == ["staleness0-actors2", "staleness1-actors2"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["summaries"]) == list(result.summaries) == ["staleness0-actors2", "staleness1-actors2"]
 
 
 def test_compare_table_over_seeds(recorded: None, tmp_path: Path) -> None:
