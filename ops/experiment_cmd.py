@@ -13,6 +13,7 @@ from rich.table import Table
 from common.config import ConfigError
 from common.log import configure_logging
 from ops.replay_cmd import ConfigOption, SetOption, load_or_exit
+from ops.run_cmd import embedded_overrides
 
 experiment_app = typer.Typer(help="Experiment sweeps over `at2po run` (each variant a full local run).")
 OutOption = Annotated[Path, typer.Option("--out", help="sweep directory (one run directory per variant)")]
@@ -53,7 +54,9 @@ def staleness(
     """The same training at each max staleness (0 = synchronous) and actor count, side by side."""
     from ops.experiments import plot_staleness, run_sweep, staleness_table, staleness_variants
 
-    run_config = load_or_exit(config, [*(overrides or []), f"supervisor.max_minutes={minutes}"])
+    run_config = load_or_exit(
+        config, [*embedded_overrides(config), *(overrides or []), f"supervisor.max_minutes={minutes}"]
+    )
     configure_logging(run_config.logging.level, run_config.logging.json_logs, role="experiment")
     variants = staleness_variants(_ints(values, "--values"), _ints(actors, "--actors"))
     try:
@@ -81,7 +84,9 @@ def compare(
     """Chain-GRPO, Tree-GRPO, ARPO and AT2PO at an equal generated-token budget, over seeds."""
     from ops.experiments import compare_table, compare_variants, plot_compare, run_sweep
 
-    run_config = load_or_exit(config, [*(overrides or []), f"supervisor.max_minutes={minutes}"])
+    run_config = load_or_exit(
+        config, [*embedded_overrides(config), *(overrides or []), f"supervisor.max_minutes={minutes}"]
+    )
     configure_logging(run_config.logging.level, run_config.logging.json_logs, role="experiment")
     try:
         variants = compare_variants([a.strip() for a in algorithms.split(",") if a.strip()], _ints(seeds, "--seeds"))

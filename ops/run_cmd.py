@@ -23,6 +23,12 @@ EMBEDDED_OVERRIDES = (
     "supervisor.eval_every_steps=5",
 )
 
+
+def embedded_overrides(config: Path | None) -> tuple[str, ...]:
+    """The embedded default's settings when no --config is given (`at2po run` and the experiments alike)."""
+    return EMBEDDED_OVERRIDES if config is None else ()
+
+
 OutOption = Annotated[Path | None, typer.Option("--out", help="run directory (default: supervisor.out_dir)")]
 MinutesOption = Annotated[
     float | None, typer.Option("--max-minutes", help="wall-clock budget (default: supervisor.max_minutes)")
@@ -36,7 +42,7 @@ def run_command(
     max_minutes: MinutesOption = None,
 ) -> None:
     """Tiny policy, warm start, then replay + actors + learner training with AT2PO, evaluation and a report."""
-    extra = [*(EMBEDDED_OVERRIDES if config is None else ()), *(overrides or [])]
+    extra = [*embedded_overrides(config), *(overrides or [])]
     if max_minutes is not None:
         extra.append(f"supervisor.max_minutes={max_minutes}")
     run_config = load_or_exit(config, extra)

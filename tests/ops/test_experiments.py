@@ -125,3 +125,34 @@ def test_curves_and_target(tmp_path: Path) -> None:
     assert minutes_to_target(curve, 30.0) is None
     (tmp_path / "metrics").mkdir()
     assert variant_curves(tmp_path)["em"] == []
+
+
+def test_experiments_without_a_config_run_the_embedded_default(recorded: None, tmp_path: Path) -> None:
+    seen: list[Any] = []
+
+    def fake_sweep(config: Any, variants: Any, out: Path, token_budget: int | None = None) -> Any:
+        seen.append(config)
+        return experiments.SweepResult(list(variants))
+
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiments, "run_sweep", fake_sweep)
+        patch.setattr(experiments, "staleness_table", lambda *args: [])
+        patch.setattr(experiments, "plot_staleness", lambda *args: None)
+        runner = CliRunner()
+        out = tmp_path / "sweep"
+        out.mkdir()
+        done = runner.invoke(app, ["experiment", "staleness", "--values", "0", "--minutes", "2", "--out", str(out)])
+        assert done.exit_code == 0, done.output
+        config_file = tmp_path / "run.toml"
+        config_file.write_text("[replay]\ntrees_per_step = 3\n")
+        args = ["experiment", "staleness", "--values", "0", "--out", str(out), "--config", str(config_file)]
+        assert runner.invoke(app, args).exit_code == 0
+    embedded, configured = seen
+    # the same settings `at2po run` uses without --config; a config file replaces them
+    assert (embedded.replay.trees_per_step, embedded.tree.max_new_tokens) == (8, 96)
+    assert embedded.supervisor.max_minutes == 2.0
+    assert configured.replay.trees_per_step == 3 and configured.tree.max_new_tokens != 96
