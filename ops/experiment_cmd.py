@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.config import ConfigError
+from common.config import ConfigError, RunConfig
 from common.log import configure_logging
 from ops.replay_cmd import ConfigOption, SetOption, load_or_exit
 from ops.run_cmd import embedded_overrides
@@ -30,6 +30,15 @@ def _ints(text: str, what: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _sweep_config(config: Path | None, overrides: list[str] | None, minutes: float) -> RunConfig:
+    """The run config every variant starts from (the embedded default without --config), logging set up."""
+    run_config = load_or_exit(
+        config, [*embedded_overrides(config), *(overrides or []), f"supervisor.max_minutes={minutes}"]
+    )
+    configure_logging(run_config.logging.level, run_config.logging.json_logs, role="experiment")
+    return run_config
 
 
 def _print_table(rows: list[dict[str, object]], title: str) -> None:
@@ -54,10 +63,7 @@ def staleness(
     """The same training at each max staleness (0 = synchronous) and actor count, side by side."""
     from ops.experiments import plot_staleness, run_sweep, staleness_table, staleness_variants
 
-    run_config = load_or_exit(
-        config, [*embedded_overrides(config), *(overrides or []), f"supervisor.max_minutes={minutes}"]
-    )
-    configure_logging(run_config.logging.level, run_config.logging.json_logs, role="experiment")
+    run_config = _sweep_config(config, overrides, minutes)
     variants = staleness_variants(_ints(values, "--values"), _ints(actors, "--actors"))
     try:
         result = run_sweep(run_config, variants, out)
@@ -84,10 +90,7 @@ def compare(
     """Chain-GRPO, Tree-GRPO, ARPO and AT2PO at an equal generated-token budget, over seeds."""
     from ops.experiments import compare_table, compare_variants, plot_compare, run_sweep
 
-    run_config = load_or_exit(
-        config, [*embedded_overrides(config), *(overrides or []), f"supervisor.max_minutes={minutes}"]
-    )
-    configure_logging(run_config.logging.level, run_config.logging.json_logs, role="experiment")
+    run_config = _sweep_config(config, overrides, minutes)
     try:
         variants = compare_variants([a.strip() for a in algorithms.split(",") if a.strip()], _ints(seeds, "--seeds"))
         result = run_sweep(run_config, variants, out, token_budget=token_budget)
