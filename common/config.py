@@ -173,6 +173,9 @@ class ModelConfig(_Section):
 
     dir: str = Field("runs/tiny-model", description="local model directory (`at2po model init-tiny` makes one)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
+    init_copy_steps: int = Field(
+        1100, ge=0, description="`at2po run` making the tiny policy: copy pretraining steps (0 = random weights)"
+    )
 
 
 class TreeConfig(_Section):
@@ -301,6 +304,16 @@ class SftConfig(_Section):
     demos: str | None = Field(None, description="JSONL of chat demonstrations; unset = made from the synthetic world")
     n_demos: int = Field(1500, ge=1, description="demonstrations made from the training split")
     imperfect_fraction: float = Field(0.3, ge=0, le=1, description="share of made demonstrations with a mistake")
+    mistakes: list[Literal["wrong_answer", "early_answer", "vague_query"]] = Field(
+        ["wrong_answer", "early_answer", "vague_query"],
+        min_length=1,
+        description="mistakes an imperfect demonstration makes, one drawn uniformly per demonstration",
+    )
+    demos_from_train_world: bool = Field(
+        False,
+        description="synthetic world: also draw demonstrations from RL's training world; off, RL trains on a world "
+        "the warm start never saw, so its reward cannot come from answers memorised during the warm start",
+    )
     demo_worlds: int = Field(
         10,
         ge=1,

@@ -24,15 +24,20 @@ JSONL format, one demonstration per line::
   correct, and every hop's observation holds that hop's answer, so no perfect demo teaches a guess).
 - `reward`: the score of the episode under the config's reward function, when known.
 
-Demonstration worlds (`sft.demo_worlds`, synthetic world only): the demonstrations are dealt evenly over the run's
-training world and worlds of other seeds with fresh names. A tiny policy trained on one world memorises its
-names and cannot copy an unseen name from a question or an observation. Measured on the held-out world (teacher
+Demonstration worlds (`sft.demo_worlds`, synthetic world only): the demonstrations are dealt evenly over worlds of
+other seeds with fresh names; the run's own training world is among them only with `sft.demos_from_train_world`.
+Without it, RL trains on a world the warm start never saw, as the held-out one: measured with the training world
+among the demonstration worlds, RL's reward came from answers memorised during the warm start (its queries
+dropped their relation words, which did not matter there), and held-out EM fell from 4.0 to 0.5 in 78 steps.
+A tiny policy trained on one world memorises its names and cannot copy an unseen name from a question or an
+observation. Measured on the held-out world (teacher
 forced; the 2-layer tiny policy; 3,000 demonstrations with 3 retrieved pages each), the first turn (question
 copied, query written) came out exactly for 2% of the tasks after 10 epochs on one world, and for 45% after 8
 epochs on 11 worlds.
 
 Imperfect demonstrations (`sft.imperfect_fraction` of them, slots drawn with `sft.seed`) make one
-plausible mistake, so that the warm-started policy is not already perfect and RL has something to learn:
+plausible mistake (drawn uniformly from `sft.mistakes`), so that the warm-started policy is not already
+perfect and RL has something to learn:
 - `wrong_answer`: the oracle searches, then a wrong answer of the right type (the gold answer of another
   training question ending in the same relation);
 - `early_answer`: stops searching a hop early and answers with the bridge entity found so far (a 1-hop
@@ -168,7 +173,12 @@ def read_demos(path: str | Path) -> list[Demonstration]:
 
 @dataclass(frozen=True)
 class TurnWriter:
-    """Policy turn texts in a protocol's tags, in the style of the tiny tokenizer's training texts."""
+    """Policy turn texts in a protocol's tags, in the style of the tiny tokenizer's training texts.
+
+    The boxed answer is written `\\boxed{ Name }`, with spaces: byte-level BPE makes " Woden" one token as it
+    stands in a retrieved page, but "{Woden" ends in other tokens ("W", "oden"), so copying the answer into
+    the box would be a second, harder copy for a small policy to learn.
+    """
 
     protocol: ProtocolName
 
@@ -180,7 +190,7 @@ class TurnWriter:
 
     def answer(self, think: str, answer: str) -> str:
         if self.protocol is ProtocolName.ARPO:
-            return f"<think> {think} </think>\n<answer> \\boxed{{{answer}}} </answer>"
+            return f"<think> {think} </think>\n<answer> \\boxed{{ {answer} }} </answer>"
         return f"<think> {think} </think>\n<answer> {answer} </answer>"
 
 
@@ -222,10 +232,12 @@ def oracle_hops(task: Task) -> list[Hop]:
 
 
 def _search_actions(task: Task, hops: Sequence[Hop]) -> list[Action]:
+    """One search per hop; each thought names the entity looked up (not the whole question again: every
+    copied token is one more a small policy can get wrong)."""
     actions: list[Action] = []
     for index, hop in enumerate(hops):
         think = (
-            f"I need to find out: {task.question.strip()}"
+            f"First I look up {hop.entity}."
             if index == 0
             else (f"I found {hop.entity}. Next I search for {hop.entity}.")
         )
@@ -343,8 +355,10 @@ async def make_demonstrations_async(
     n_imperfect: int,
     seed: int,
     stats: DemoStats | None = None,
+    mistakes: Sequence[Mistake] = MISTAKES,
 ) -> list[Demonstration]:
-    """`n` demonstrations over `tasks` (cycled in a seeded order), `n_imperfect` of them imperfect."""
+    """`n` demonstrations over `tasks` (cycled in a seeded order), `n_imperfect` of them imperfect, each with a
+    mistake drawn uniformly from `mistakes`."""
     stats = stats if stats is not None else DemoStats()
     if SEARCH_TOOL not in env.tool_names:
         raise ConfigError("env.tools: demonstrations of oracle search paths need the search tool")
@@ -368,7 +382,7 @@ async def make_demonstrations_async(
                 raise RuntimeError(f"gave up making demonstrations: {dict(stats.skipped)} skipped")
             task = next(source)
             hops = oracle_hops(task)
-            mistake: Mistake | None = rng.choice(MISTAKES) if slot in imperfect_slots else None
+            mistake: Mistake | None = rng.choice(mistakes) if slot in imperfect_slots else None
             actions = plan_actions(task, hops, mistake, rng, pool.guess(task, hops, rng))
             messages, step = await play(env, task, actions, writer, seed=rng.randrange(1 << 31))
             reward = step.reward
@@ -394,13 +408,14 @@ DEMO_WORLD_STRIDE = 1000  # seeds of the extra demonstration worlds: train_seed 
 
 
 def demo_world_configs(config: RunConfig) -> list[RunConfig]:
-    """The configs whose training splits the demonstrations come from: the run's own first, then, for the synthetic
-    world, `sft.demo_worlds - 1` worlds of other seeds (each generated beside `tasks.data_dir`, as
-    `<data_dir>-demo-worlds/seed<N>`, together with the test world so that no name repeats a held-out one)."""
+    """The configs whose training splits the demonstrations come from. Other task sources: the run's own. The
+    synthetic world: `sft.demo_worlds` worlds of other seeds (each generated beside `tasks.data_dir`, as
+    `<data_dir>-demo-worlds/seed<N>`, together with the test world so that no name repeats a held-out one),
+    the run's own training world first among them only with `sft.demos_from_train_world`."""
     tasks = config.tasks
-    configs = [config]
     if tasks.source != "synthetic_world":
-        return configs
+        return [config]
+    configs = [config] if config.sft.demos_from_train_world else []
     root = Path(tasks.data_dir)
     seed = tasks.train_seed
     while len(configs) < config.sft.demo_worlds:
@@ -438,5 +453,7 @@ def make_demonstrations(config: RunConfig, n: int | None = None, stats: DemoStat
             continue
         splits = prepare_tasks(world)
         env = build_environment(world, splits.corpus_path)
-        demos += asyncio.run(make_demonstrations_async(splits.train, env, share, n_imperfect, sft.seed + k, stats))
+        demos += asyncio.run(
+            make_demonstrations_async(splits.train, env, share, n_imperfect, sft.seed + k, stats, tuple(sft.mistakes))
+        )
     return demos

@@ -4,7 +4,7 @@ Phases (each one logged, the whole run bounded by `supervisor.max_minutes`):
 1. prepare the run directory: the resolved config (`config.toml`, with run-local paths and, where the
    endpoints are the defaults, free loopback ports) is what every role reads, so the same file
    starts the roles by hand;
-2. the tiny policy (`at2po model init-tiny`) if `model.dir` has none;
+2. the tiny policy (`at2po model init-tiny`, copy-pretrained for `model.init_copy_steps`) if `model.dir` has none;
 3. the warm start (`at2po sft run`) unless `supervisor.warm_start` is off or its output exists;
 4. held-out evaluation of the warm-started policy (`at2po eval`);
 5. replay, `supervisor.actors` actors and the learner as supervised processes, trained with AT²PO until
@@ -189,7 +189,9 @@ class LocalRun:
             return
         self.phase = "tiny policy"
         self.console.print(f"[bold]making the tiny policy[/bold] in {model_dir}")
-        self._command("init-tiny", self._at2po("model", "init-tiny", "--out", str(model_dir)))
+        copy_steps = str(self.config.model.init_copy_steps)
+        argv = self._at2po("model", "init-tiny", "--out", str(model_dir), "--copy-steps", copy_steps)
+        self._command("init-tiny", argv)
 
     def warm_start(self) -> Path:
         """The model RL starts from: the warm-started one (made now if missing) or `model.dir`."""

@@ -1,11 +1,13 @@
 """`at2po model ...`: create the tiny CPU policy, and describe a local model directory.
 
 Decided interface: `init-tiny --out DIR [--arch qwen2|llama] [--hidden 128] [--layers 2] [--heads 4]
-[--kv-heads 2] [--intermediate 256] [--vocab 4096] [--seed 0] [--force]` trains the tokenizer on the synthetic
-world's texts, writes the model directory and prints a JSON summary (parameters, vocabulary size, head_dim, files,
-seconds). `info --dir DIR` prints JSON: architecture, parameters, vocabulary, layer shape, special tokens, eos ids,
-whether every protocol tag is one token, and the weights' fingerprint. Bad arguments (an invalid spec, a
-non-empty --out without --force) exit 2; a directory that is not a model exits 1.
+[--kv-heads 2] [--intermediate 256] [--vocab 4096] [--seed 0] [--copy-steps 1100] [--force]` trains the tokenizer
+on the synthetic world's texts, writes the model directory, then copy-pretrains it (`learner.copy_pretraining`;
+`--copy-steps 0` leaves it random-init) and prints a JSON summary (parameters, vocabulary size, head_dim, files,
+seconds, and the copy pretraining's steps, seconds, losses and copy accuracy, also recorded under
+"copy_pretraining" in tiny_model.json). `info --dir DIR` prints JSON: architecture, parameters, vocabulary, layer
+shape, special tokens, eos ids, whether every protocol tag is one token, and the weights' fingerprint. Bad
+arguments (an invalid spec, a non-empty --out without --force) exit 2; a directory that is not a model exits 1.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+# `learner.copy_pretraining.CopyCurriculum.steps`, repeated so that `at2po --help` does not import torch.
+DEFAULT_COPY_STEPS = 1100
 
 model_app = typer.Typer(
     help="Policy models: create the tiny CPU policy, inspect a model directory.", no_args_is_help=True
@@ -46,9 +52,12 @@ def init_tiny(
     intermediate: Annotated[int, typer.Option("--intermediate", help="MLP size", min=1)] = 256,
     vocab: Annotated[int, typer.Option("--vocab", help="target vocabulary size", min=1)] = 4096,
     seed: Annotated[int, typer.Option("--seed", help="seed of the weights and of the training texts", min=0)] = 0,
+    copy_steps: Annotated[
+        int, typer.Option("--copy-steps", help="copy pretraining steps (0 = leave the weights random)", min=0)
+    ] = DEFAULT_COPY_STEPS,
     force: Annotated[bool, typer.Option("--force", help="write into a non-empty directory")] = False,
 ) -> None:
-    """Train a tokenizer on the synthetic world and write a random-init tiny policy."""
+    """Train a tokenizer on the synthetic world, write a tiny policy and copy-pretrain it."""
     from actors.tiny_model import TinyModelSpec, init_tiny_model, world_training_texts
 
     try:
@@ -72,8 +81,18 @@ def init_tiny(
     except (FileExistsError, NotADirectoryError) as error:
         typer.echo(f"cannot write the model: {error}; pass --force to overwrite", err=True)
         raise typer.Exit(2) from None
+    manifest_path = directory / "tiny_model.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if copy_steps:
+        from common.log import configure_logging
+        from learner.copy_pretraining import CopyCurriculum, pretrain_model_dir
+
+        configure_logging(role="init-tiny")  # progress on stderr: stdout holds only the JSON summary
+
+        report = pretrain_model_dir(directory, CopyCurriculum(steps=copy_steps, seed=seed))
+        manifest["copy_pretraining"] = asdict(report)
+        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     seconds = time.perf_counter() - started
-    manifest = json.loads((directory / "tiny_model.json").read_text(encoding="utf-8"))
     summary = {
         "out": str(directory),
         "architecture": spec.architecture,
@@ -82,6 +101,7 @@ def init_tiny(
         "head_dim": spec.head_dim,
         "files": sorted(path.name for path in directory.iterdir()),
         "init_s": round(seconds, 3),
+        "copy_pretraining": manifest.get("copy_pretraining"),
     }
     typer.echo(json.dumps(summary, indent=2))
 

@@ -205,19 +205,39 @@ def test_demos_come_from_several_worlds_with_their_own_names(
 ) -> None:
     demos, _, config = made
     worlds = demo_world_configs(config)
-    assert [w.tasks.train_seed for w in worlds] == [0, DEMO_WORLD_STRIDE, 2 * DEMO_WORLD_STRIDE]
+    assert [w.tasks.train_seed for w in worlds] == [DEMO_WORLD_STRIDE, 2 * DEMO_WORLD_STRIDE, 3 * DEMO_WORLD_STRIDE]
     assert all(w.tasks.test_seed == config.tasks.test_seed for w in worlds)
     by_world = [{t.task_id for t in prepare_tasks(w).train} for w in worlds]
     assert [sum(d.task_id in ids for d in demos) for ids in by_world] == split_count(24, 3) == [8, 8, 8]
     answers = [{t.golden_answers[0] for t in prepare_tasks(w).train} for w in worlds]
     held_out = {t.golden_answers[0] for t in prepare_tasks(config).test}
     entity = [{a for a in names if not a.isdigit()} for names in answers]
+    rl_world = {t.golden_answers[0] for t in prepare_tasks(config).train}
     assert not entity[0] & entity[1] and not entity[1] & entity[2]  # fresh names in each world
-    assert not (entity[1] | entity[2]) & held_out  # and none of them is a held-out answer
+    assert not (entity[0] | entity[1] | entity[2]) & held_out  # and none of them is a held-out answer
+    assert not (entity[0] | entity[1] | entity[2]) & {a for a in rl_world if not a.isdigit()}  # nor RL's
 
 
-def test_one_world_and_other_sources_use_only_the_training_split(world_overrides: list[str]) -> None:
+def test_the_training_world_is_the_first_demonstration_world_only_when_asked(world_overrides: list[str]) -> None:
+    config = config_with(world_overrides, "sft.demos_from_train_world=true")
+    worlds = demo_world_configs(config)
+    assert worlds[0] == config
+    assert [w.tasks.train_seed for w in worlds] == [0, DEMO_WORLD_STRIDE, 2 * DEMO_WORLD_STRIDE]
     assert len(demo_world_configs(config_with(world_overrides, "sft.demo_worlds=1"))) == 1
+    assert demo_world_configs(config_with(world_overrides, "sft.demo_worlds=1"))[0].tasks.train_seed != 0
+
+
+def test_imperfect_demos_make_only_the_configured_mistakes(world_overrides: list[str]) -> None:
+    config = config_with(world_overrides, "sft.imperfect_fraction=1", 'sft.mistakes=["early_answer"]')
+    demos = make_demonstrations(config, 6)
+    assert {demo.source for demo in demos} == {"oracle:early_answer"}
+    with pytest.raises(ConfigError, match=r"sft\.mistakes"):
+        config_with(world_overrides, "sft.mistakes=[]")
+    with pytest.raises(ConfigError, match=r"sft\.mistakes"):
+        config_with(world_overrides, 'sft.mistakes=["typo"]')
+
+
+def test_other_sources_use_only_the_training_split(world_overrides: list[str]) -> None:
     arithmetic = build_config({}, ["tasks.source=arithmetic", "sft.demo_worlds=5"])
     assert demo_world_configs(arithmetic) == [arithmetic]
 

@@ -39,6 +39,7 @@ def tiny_run_args(tmp_path: Path, minutes: float) -> list[str]:
     """A run small enough for CI: a few demonstrations, small trees, a handful of held-out tasks."""
     settings = {
         "model.dir": tmp_path / "model",
+        "model.init_copy_steps": 20,
         "sft.out_dir": tmp_path / "warmstart",
         "sft.n_demos": 40,
         "sft.epochs": 1,

@@ -16,7 +16,7 @@ runner = CliRunner()
 def test_init_tiny_then_info(tmp_path: Path) -> None:
     out = tmp_path / "llama"
     args = ["init-tiny", "--out", str(out), "--arch", "llama", "--hidden", "64", "--heads", "2", "--kv-heads", "1"]
-    result = runner.invoke(model_app, [*args, "--vocab", "1024", "--seed", "5"])
+    result = runner.invoke(model_app, [*args, "--vocab", "1024", "--seed", "5", "--copy-steps", "0"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     policy = load_policy(out)
@@ -26,6 +26,7 @@ def test_init_tiny_then_info(tmp_path: Path) -> None:
     assert summary["vocab_size"] == len(policy.tokenizer) <= 1024
     assert {"config.json", "model.safetensors", "tokenizer.json", "tiny_model.json"} <= set(summary["files"])
     assert summary["init_s"] > 0
+    assert summary["copy_pretraining"] is None
 
     result = runner.invoke(model_app, ["info", "--dir", str(out)])
     assert result.exit_code == 0, result.output
@@ -54,3 +55,44 @@ def test_info_on_a_missing_directory_exits_1(tmp_path: Path) -> None:
     result = runner.invoke(model_app, ["info", "--dir", str(tmp_path / "absent")])
     assert result.exit_code == 1
     assert "absent" in result.output
+
+
+def test_init_tiny_copy_pretrains_and_records_it(tmp_path: Path) -> None:
+    args = ["init-tiny", "--arch", "llama", "--hidden", "64", "--heads", "2", "--kv-heads", "1", "--vocab", "1024"]
+    plain, pretrained = tmp_path / "plain", tmp_path / "pretrained"
+    assert runner.invoke(model_app, [*args, "--out", str(plain), "--copy-steps", "0"]).exit_code == 0
+    result = runner.invoke(model_app, [*args, "--out", str(pretrained), "--copy-steps", "20"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["copy_pretraining"]
+    assert report["steps"] == 20 and report["seconds"] > 0
+    assert report["first_loss"] > 0 and report["last_loss"] > 0 and 0 <= report["copy_accuracy"] <= 1
+    manifest = json.loads((pretrained / "tiny_model.json").read_text(encoding="utf-8"))
+    assert manifest["copy_pretraining"] == report
+    # the same tokenizer and starting weights, then 20 optimizer steps: different weights, loadable as a policy
+    assert (plain / "tokenizer.json").read_bytes() == (pretrained / "tokenizer.json").read_bytes()
+    assert policy_fingerprint(load_policy(plain)) != policy_fingerprint(load_policy(pretrained))
+
+
+def test_the_cli_default_copy_steps_are_the_curriculum_default() -> None:
+    from learner.copy_pretraining import CopyCurriculum
+    from ops.model_cmd import DEFAULT_COPY_STEPS
+
+    assert CopyCurriculum.steps == DEFAULT_COPY_STEPS
+
+
+def test_copy_spans_are_drawn_from_multi_byte_tokens_only(tmp_path: Path) -> None:
+    from learner.copy_pretraining import SEPARATOR, tokenizer_vocabulary
+
+    out = tmp_path / "m"
+    args = ["init-tiny", "--out", str(out), "--hidden", "64", "--heads", "2", "--kv-heads", "1", "--vocab", "1024"]
+    assert runner.invoke(model_app, [*args, "--copy-steps", "0"]).exit_code == 0
+    tokenizer = load_policy(out).tokenizer
+    vocabulary = tokenizer_vocabulary(tokenizer)
+    drawn = set(vocabulary.ordinary_ids.tolist())
+    tokens = tokenizer.convert_ids_to_tokens(sorted(drawn))
+    assert tokenizer.convert_ids_to_tokens(vocabulary.separator_id) == SEPARATOR
+    assert vocabulary.separator_id not in drawn
+    assert not drawn & set(tokenizer.all_special_ids)
+    assert not drawn & set(tokenizer.get_added_vocab().values())  # no protocol tag
+    assert all(len(token) > 1 for token in tokens)
+    assert len(drawn) > len(tokenizer) // 2
