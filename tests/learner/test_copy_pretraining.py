@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 from learner.copy_pretraining import (
     IGNORE,
@@ -14,6 +14,7 @@ from learner.copy_pretraining import (
     copy_batch,
     pretrain_copying,
 )
+from tests.learner.trees import tiny_policy
 
 SEPARATOR = 0
 VOCABULARY = CopyVocabulary.from_ids(range(4, 200), SEPARATOR)
@@ -60,19 +61,8 @@ def test_a_vocabulary_needs_two_ordinary_tokens_besides_the_separator() -> None:
 
 
 def _small_model() -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=200,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(config)
+    """The learner tests' tiny policy at transformers' usual init scale (theirs is larger, for log-prob tests)."""
+    return tiny_policy(initializer_range=0.02)
 
 
 def test_training_teaches_the_model_to_copy() -> None:

@@ -65,8 +65,8 @@ def with_behaviour(tree: TurnTree, logp: float | None = None, version: int | Non
     return TurnTree.from_nodes(tree.tree_id, tree.task_id, tree.actor_id, nodes)
 
 
-def save_tiny_policy(directory: Path, seed: int = 0) -> Path:
-    """A 2-layer Qwen2 with tied embeddings saved as a local model directory (what the learner loads)."""
+def tiny_policy(seed: int = 0, initializer_range: float = 0.2) -> Qwen2ForCausalLM:
+    """A 2-layer Qwen2 (hidden 64, vocabulary `VOCAB`) with tied embeddings, initialised under `seed`."""
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=VOCAB,
@@ -77,8 +77,13 @@ def save_tiny_policy(directory: Path, seed: int = 0) -> Path:
         num_key_value_heads=1,
         head_dim=32,
         max_position_embeddings=256,
-        initializer_range=0.2,
+        initializer_range=initializer_range,
         tie_word_embeddings=True,
     )
-    Qwen2ForCausalLM(config).save_pretrained(directory)
+    return Qwen2ForCausalLM(config)
+
+
+def save_tiny_policy(directory: Path, seed: int = 0) -> Path:
+    """`tiny_policy(seed)` saved as a local model directory (what the learner loads)."""
+    tiny_policy(seed).save_pretrained(directory)
     return directory
