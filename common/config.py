@@ -163,6 +163,11 @@ class TasksConfig(_Section):
     n_train: int = Field(2000, ge=1, description="generated training tasks")
     n_test: int = Field(200, ge=1, description="generated test tasks")
     hops: list[int] = Field([1, 2], description="synthetic world: hop counts of the questions (equal shares)")
+    train_hops: list[int] | None = Field(
+        None,
+        description="actors train only on tasks of these hop counts (a curriculum; held-out evaluation keeps "
+        "every hop count); unset = all",
+    )
     world_size: Literal["small", "medium", "100k"] = Field(
         "small", description="synthetic world: size of each world (small: about 3,000 passages)"
     )

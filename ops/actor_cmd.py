@@ -32,12 +32,13 @@ def build_actor(config: RunConfig) -> Actor:
     from actors.backend_torch import TorchBackend
     from actors.chat import ChatCodec
     from actors.policy_model import load_policy
-    from tools_env.factory import build_environment, prepare_tasks
+    from tools_env.factory import build_environment, prepare_tasks, training_tasks
 
     if config.actor.torch_threads is not None:
         torch.set_num_threads(config.actor.torch_threads)
     splits = prepare_tasks(config)
     env = build_environment(config, splits.corpus_path)
+    tasks = training_tasks(config, splits)
     if config.actor.backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(
@@ -54,13 +55,13 @@ def build_actor(config: RunConfig) -> Actor:
             kv_cache_gb=config.actor.vllm_kv_cache_gb,
             seed=config.actor.seed,
         )
-        return Actor(config, vllm_backend, codec, len(vllm_backend.tokenizer), env, splits.train)
+        return Actor(config, vllm_backend, codec, len(vllm_backend.tokenizer), env, tasks)
     policy = load_policy(config.model.dir, dtype=config.model.dtype)
     codec = ChatCodec.from_policy(policy)
     backend = TorchBackend(
         policy.model, policy.tokenizer, version=0, max_batch=config.actor.max_batch, seed=config.actor.seed
     )
-    return Actor(config, backend, codec, len(policy.tokenizer), env, splits.train)
+    return Actor(config, backend, codec, len(policy.tokenizer), env, tasks)
 
 
 @actor_app.command("run")

@@ -6,6 +6,9 @@ Decided here:
   while its manifest matches the config (seeds, sizes, hops); several processes starting together
   take a file lock, so exactly one generates it. Arithmetic tasks are generated in memory.
   Datasets are read with `tools_env.datasets.load_tasks`.
+- `training_tasks(config, splits)` is what actors train on: the train split, restricted to
+  `tasks.train_hops` when set (tasks without a `hops` in their metadata are kept out then); a
+  restriction that leaves nothing is a ConfigError naming the key.
 - `build_environment(config, corpus)` assembles protocol, tools, reward and limits. The search
   tool uses a local BM25 index over `search.corpus` (else the task corpus), or the HTTP retriever
   at `search.url`.
@@ -135,6 +138,17 @@ def prepare_tasks(config: RunConfig) -> TaskSplits:
         test=tuple(load_tasks(tasks.test_path)) if tasks.test_path else (),
         corpus_path=Path(config.search.corpus) if config.search.corpus else None,
     )
+
+
+def training_tasks(config: RunConfig, splits: TaskSplits) -> tuple[Task, ...]:
+    """The tasks actors grow trees for: the train split, or its tasks of `tasks.train_hops` hop counts."""
+    wanted = config.tasks.train_hops
+    if wanted is None:
+        return splits.train
+    chosen = tuple(task for task in splits.train if task.metadata.get("hops") in wanted)
+    if not chosen:
+        raise ConfigError(f"tasks.train_hops = {wanted}: no training task has these hop counts")
+    return chosen
 
 
 def build_retriever(config: RunConfig, corpus_path: Path | None) -> Retriever:

@@ -10,7 +10,7 @@ import pytest
 from common.config import ConfigError, RunConfig, build_config
 from common.tree import FinishReason
 from tools_env.bm25_index import BM25Index
-from tools_env.factory import TaskSplits, build_environment, prepare_tasks
+from tools_env.factory import TaskSplits, build_environment, prepare_tasks, training_tasks
 from tools_env.rewards import REWARDS
 from tools_env.task import Task
 
@@ -48,6 +48,19 @@ def test_world_splits_are_generated_once_and_reused(world: tuple[RunConfig, Task
     assert again == splits and manifest.stat().st_mtime_ns == stamp
     changed = prepare_tasks(config.model_copy(update={"tasks": config.tasks.model_copy(update={"n_test": 10})}))
     assert len(changed.test) == 10 and manifest.stat().st_mtime_ns != stamp
+
+
+def test_train_hops_restricts_the_training_tasks_only(world: tuple[RunConfig, TaskSplits]) -> None:
+    config, splits = world
+    assert training_tasks(config, splits) == splits.train
+    one_hop = config.model_copy(update={"tasks": config.tasks.model_copy(update={"train_hops": [1]})})
+    chosen = training_tasks(one_hop, splits)
+    assert chosen and all(task.metadata["hops"] == 1 for task in chosen)
+    assert len(chosen) == sum(1 for task in splits.train if task.metadata["hops"] == 1) < len(splits.train)
+    assert prepare_tasks(one_hop).test == splits.test  # held-out evaluation keeps every hop count
+    four_hops = config.model_copy(update={"tasks": config.tasks.model_copy(update={"train_hops": [4]})})
+    with pytest.raises(ConfigError, match=r"tasks\.train_hops"):
+        training_tasks(four_hops, splits)
 
 
 def test_oracle_queries_find_the_gold_passage_in_the_top_3(world: tuple[RunConfig, TaskSplits]) -> None:
