@@ -12,7 +12,8 @@ about 2.5 ms for the copy itself, and sending LMDB's own pages costs nothing at 
   in, which returns to the pool once ZeroMQ has released its frames; a peer that never reads keeps
   its buffer, as it kept its bytes before, and the pool allocates another.
 Messages below ZERO_COPY_MIN_BYTES are copied into bytes either way. Not thread-safe: the replay
-store thread owns an instance (pins must be released from the thread that uses the store).
+service's sampler thread owns its instance and releases its pins (a read transaction may end on any
+thread, see `replay.store`).
 """
 
 from __future__ import annotations

@@ -1,23 +1,29 @@
 """The replay service: a ZeroMQ ROUTER in front of the TreeStore, with pipelined group commits.
 
-Two threads, one job each:
+Three threads, one job each:
 - the IO thread owns the ROUTER: it receives, validates (`decode_message`, `inspect_subtree`),
   groups valid subtrees into batches and sends every reply;
-- the store thread owns the TreeStore: it commits one batch of up to `commit_max_messages`
-  subtrees (and about `commit_max_bytes`) per LMDB transaction and answers requests (leases,
-  samples, versions, stats).
+- the store thread is the TreeStore's writer: it commits one batch of up to `commit_max_messages`
+  subtrees (and about `commit_max_bytes`) per LMDB transaction, answers leases, versions and
+  stats, and records the samples that were answered (`TreeStore.commit_samples`);
+- the sampler thread answers sample requests (`TreeStore.answer_sample`): it chooses the trees
+  under the store's state lock, reads them from its own LMDB read transaction and replies, so a
+  sample never waits for an ingest commit's fsync, only (about a millisecond) for a transaction's
+  body. It then asks the store thread to record the sample, after the reply (at least once: see
+  `replay.store`). A request whose learner version the store has not seen goes through the store
+  thread first (`set_learner_version`) and comes back.
 While the store thread waits for a commit to reach the disk, the IO thread validates the next
 batch, so validation and fsync overlap. The IO thread hands over a new batch only when the store
 thread is idle (a batch grows while a commit runs) and waits at most `commit_max_delay_ms` to fill
-a small one. Requests jump ahead of waiting batches, so a learner never waits behind more than one
+a small one. Requests jump ahead of waiting batches, so a lease never waits behind more than one
 commit, and the byte bound keeps that commit's fsync short. While a sample request is being
 answered the IO thread receives and forwards but validates nothing (for at most
-SAMPLE_PRIORITY_MAX_S), so the store thread does not queue for the GIL behind validation. A
+SAMPLE_PRIORITY_MAX_S), so the sampler thread does not queue for the GIL behind validation. A
 sample's messages go out as zero-copy frames over LMDB's own pages, or pooled copies
-(`replay.reply_buffers`). Replies travel back over an inproc socket, and an ack is sent only after
-the commit that holds its subtree. Nothing a peer sends can stop either thread: every bad message
-gets an error reply (or is dropped when even the sender cannot be told) and is counted by its
-error code.
+(`replay.reply_buffers`, owned by the sampler thread). Replies travel back over an inproc socket,
+and an ack is sent only after the commit that holds its subtree. Nothing a peer sends can stop any
+thread: every bad message gets an error reply (or is dropped when even the sender cannot be told)
+and is counted by its error code.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +67,14 @@ from common.wire import (
 )
 from replay.limits import check_replay_config
 from replay.reply_buffers import ReplyBuffers
-from replay.store import IngestItem, SampleDecision, SampleRequestError, StoreError, TreeStore
+from replay.store import (
+    IngestItem,
+    SampleDecision,
+    SampleRequestError,
+    StoreError,
+    TreeStore,
+    VersionAheadError,
+)
 
 log = get_logger("replay.service")
 
@@ -75,7 +87,7 @@ MAX_UNCHECKED = 4096
 INSPECT_SLICE = 2
 # Single-frame markers on the inproc reply socket (a reply has at least an identity and a header).
 _BATCH_DONE, _SAMPLE_DONE = b"", b"s"
-# While a sample request is being answered the IO thread validates nothing, so the store thread has
+# While a sample request is being answered the IO thread validates nothing, so the sampler thread has
 # the GIL and the CPU to itself; this long at most, so a learner that samples without pause cannot
 # starve ingest.
 SAMPLE_PRIORITY_MAX_S = 0.05
@@ -93,6 +105,17 @@ class _PendingSubtree:
 class _Request:
     identity: bytes
     message: WireMessage
+
+
+@dataclass
+class _VersionFirst:
+    """A sample request with a learner version the store has not recorded: the store thread records it."""
+
+    request: _Request
+
+
+# Store-thread work: record the samples the sampler thread answered.
+_COMMIT_SAMPLES = "commit-samples"
 
 
 class ReplayService:
@@ -126,7 +149,8 @@ class ReplayService:
         self._batches_in_flight = 0
         self._samples_waiting = 0  # IO thread only: sample requests handed over, not yet answered
         self._sampling_since = 0.0
-        self._reply_buffers = ReplyBuffers()  # the store thread's; sample replies leave LMDB through it
+        self._samples: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()  # for the sampler thread
+        self._reply_buffers = ReplyBuffers()  # the sampler thread's; sample replies leave LMDB through it
         self._replies_endpoint = _REPLIES_ENDPOINT.format(id(self))
         self.started = time.time()
 
@@ -152,7 +176,7 @@ class ReplayService:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
-            # This process is the service: the store thread gives the GIL up for every LMDB call and
+            # This process is the service: the store and sampler threads give the GIL up for LMDB calls and
             # must not wait the default 5 ms to get it back from an IO thread busy in Python.
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         log.info("replay_serving", endpoint=self.endpoint, dir=str(self.store.path), **self._brief_stats())
@@ -162,7 +186,7 @@ class ReplayService:
             self.close()
 
     def run(self) -> None:
-        """Run the IO loop in this thread and the store loop in a second one, until stop()."""
+        """Run the IO loop in this thread, the store and sampler loops in two more, until stop()."""
         if self._server is None:
             self.bind()
         assert self._server is not None
@@ -170,10 +194,14 @@ class ReplayService:
         replies.setsockopt(zmq.RCVHWM, 0)
         replies.bind(self._replies_endpoint)
         store_thread = threading.Thread(target=self._store_loop, name="replay-store", daemon=True)
+        sampler_thread = threading.Thread(target=self._sample_loop, name="replay-sampler", daemon=True)
         store_thread.start()
+        sampler_thread.start()
         try:
             self._io_loop(self._server.socket, replies)
         finally:
+            self._samples.put(None)
+            sampler_thread.join()
             self._work.put((_STOP_PRIORITY, next(self._order), None))
             store_thread.join()
             replies.close(linger=0)
@@ -195,7 +223,7 @@ class ReplayService:
         """Receive eagerly, validate in small slices, hand batches to the store thread when it is idle.
 
         Receiving is cheap and validating is not, so the socket is drained first (requests go to the
-        store thread at once) and subtrees wait in `unchecked`; a request therefore never queues
+        store or sampler thread at once) and subtrees wait in `unchecked`; a request therefore never queues
         behind more than INSPECT_SLICE validations, however many subtrees the actors have in flight.
         """
         poller = zmq.Poller()
@@ -284,7 +312,9 @@ class ReplayService:
                 if self._samples_waiting == 0:
                     self._sampling_since = time.monotonic()
                 self._samples_waiting += 1
-            self._work.put((_REQUEST_PRIORITY, next(self._order), _Request(identity, message)))
+                self._samples.put(_Request(identity, message))
+            else:
+                self._work.put((_REQUEST_PRIORITY, next(self._order), _Request(identity, message)))
             return None
         detail = f"{message.kind} is not a request"
         self._send(sock, self._error_frames(identity, message.req, ErrorCode.UNKNOWN_KIND, detail))
@@ -332,11 +362,11 @@ class ReplayService:
                         replies.send_multipart(frames, copy=False)
                     replies.send(_BATCH_DONE)
                 elif isinstance(work, _Request):
-                    answer = self._answer(work, lambda frames: replies.send_multipart(frames, copy=False))
-                    if answer is not None:
-                        replies.send_multipart(answer, copy=False)
-                    if isinstance(work.message, SampleRequestMsg):
-                        replies.send(_SAMPLE_DONE)
+                    replies.send_multipart(self._answer(work), copy=False)
+                elif isinstance(work, _VersionFirst):
+                    self._record_version_first(work.request, replies)
+                elif work == _COMMIT_SAMPLES:
+                    self._commit_samples()
                 now = time.monotonic()
                 if now >= next_housekeeping:
                     self._housekeeping()
@@ -365,30 +395,17 @@ class ReplayService:
                 out.append(self._error_frames(p.identity, p.req, outcome.error, outcome.message))
         return out
 
-    def _answer(self, request: _Request, send: Callable[[list[Any]], None]) -> list[Any] | None:
-        """The reply frames to send, or None when the answer already went out through `send`."""
+    def _answer(self, request: _Request) -> list[Any]:
+        """The reply frames to a lease, version or stats request."""
         message = request.message
-        sent = False
-
-        def send_early(frames: list[Any]) -> None:
-            nonlocal sent
-            send([request.identity, *frames])
-            sent = True
-
         try:
-            frames = self._handle_request(message, send_early)
-            return None if frames is None else [request.identity, *frames]
-        except SampleRequestError as error:
-            return self._error_frames(request.identity, message.req, ErrorCode.BAD_REQUEST, str(error))
+            return [request.identity, *self._handle_request(message)]
         except StoreError as error:
-            log.error("replay_request_failed", kind=message.kind, error=str(error), answered=sent)
-            if sent:  # the sample reply left before its bookkeeping commit failed: its trees stay sampleable
-                self.counters.inc("sample_commit_failures")
-                return None
+            log.error("replay_request_failed", kind=message.kind, error=str(error))
             detail = f"store error, retry later: {error}"
             return self._error_frames(request.identity, message.req, ErrorCode.INTERNAL, detail)
 
-    def _handle_request(self, message: WireMessage, send_early: Callable[[list[Any]], None]) -> list[Any] | None:
+    def _handle_request(self, message: WireMessage) -> list[Any]:
         if isinstance(message, LeaseRequestMsg):
             self.counters.inc("lease_requests")
             decision = self.store.grant_leases(
@@ -404,16 +421,6 @@ class ReplayService:
                 reason=decision.reason,
             )
             return encode_message(grant)
-        if isinstance(message, SampleRequestMsg):
-            self.counters.inc("sample_requests")
-            self.store.sample(
-                message.request_id,
-                message.n,
-                message.learner_version,
-                sink=self._reply_buffers.frames,
-                reply=lambda decision: send_early(self._sample_reply(message, decision)),
-            )
-            return None
         if isinstance(message, VersionMsg):
             self.counters.inc("version_reports")
             self.store.set_learner_version(message.version)
@@ -421,6 +428,73 @@ class ReplayService:
         if isinstance(message, StatsRequestMsg):
             return encode_message(StatsReplyMsg(req=message.req, stats=self.stats()))
         raise AssertionError(f"unhandled request {message.kind}")
+
+    def _record_version_first(self, request: _Request, replies: zmq.Socket) -> None:
+        """Store thread: record a sample request's newer learner version, then hand it back to the sampler."""
+        message = request.message
+        assert isinstance(message, SampleRequestMsg)
+        try:
+            self.store.set_learner_version(message.learner_version)
+        except StoreError as error:
+            log.error("replay_request_failed", kind=message.kind, error=str(error))
+            detail = f"store error, retry later: {error}"
+            replies.send_multipart(self._error_frames(request.identity, message.req, ErrorCode.INTERNAL, detail))
+            replies.send(_SAMPLE_DONE)
+            return
+        self._samples.put(request)
+
+    def _commit_samples(self) -> None:
+        """Store thread: record the samples whose replies went out."""
+        try:
+            self.store.commit_samples()
+        except StoreError as error:  # the reservations stay; the next sample's commit retries them
+            self.counters.inc("sample_commit_failures")
+            log.error("replay_sample_commit_failed", error=str(error))
+
+    # ------------------------------------------------------------------------------ sampler thread
+
+    def _sample_loop(self) -> None:
+        replies = self.ctx.socket(zmq.PUSH)
+        replies.setsockopt(zmq.SNDHWM, 0)
+        replies.connect(self._replies_endpoint)
+        try:
+            while True:
+                try:
+                    request = self._samples.get(timeout=HOUSEKEEPING_INTERVAL_S)
+                except queue.Empty:
+                    self._reply_buffers.reclaim()  # ends pinned reads that were sent, so LMDB can reuse their pages
+                    continue
+                if request is None:
+                    return
+                if self._answer_sample(request, replies):
+                    replies.send(_SAMPLE_DONE)
+                    self._work.put((_REQUEST_PRIORITY, next(self._order), _COMMIT_SAMPLES))
+        finally:
+            replies.close(linger=0)
+
+    def _answer_sample(self, request: _Request, replies: zmq.Socket) -> bool:
+        """Answer one sample request; False when it went to the store thread to record its version first."""
+        message = request.message
+        assert isinstance(message, SampleRequestMsg)
+
+        def reply(decision: SampleDecision) -> None:
+            replies.send_multipart([request.identity, *self._sample_reply(message, decision)], copy=False)
+
+        try:
+            self.store.answer_sample(
+                message.request_id, message.n, message.learner_version, sink=self._reply_buffers.frames, reply=reply
+            )
+        except VersionAheadError:
+            self._work.put((_REQUEST_PRIORITY, next(self._order), _VersionFirst(request)))
+            return False
+        except SampleRequestError as error:
+            replies.send_multipart(self._error_frames(request.identity, message.req, ErrorCode.BAD_REQUEST, str(error)))
+        except StoreError as error:
+            log.error("replay_request_failed", kind=message.kind, error=str(error))
+            detail = f"store error, retry later: {error}"
+            replies.send_multipart(self._error_frames(request.identity, message.req, ErrorCode.INTERNAL, detail))
+        self.counters.inc("sample_requests")
+        return True
 
     def _sample_reply(self, message: SampleRequestMsg, decision: SampleDecision) -> list[Any]:
         """The sample reply's frames: the trees' infos, then their Arrow messages as the store gave them."""
@@ -454,7 +528,7 @@ class ReplayService:
     # ------------------------------------------------------------------------------ helpers
 
     def _housekeeping(self) -> None:
-        self._reply_buffers.reclaim()  # ends pinned reads that were sent, so LMDB can reuse their pages
+        self._commit_samples()  # samples whose recording failed are retried even when no new sample comes
         try:
             expired = self.store.expire_leases()
         except StoreError as error:

@@ -17,17 +17,39 @@ Layout (named LMDB databases, big-endian integer keys so that key order is numer
   admission counters after a restart are exactly those before it.
 
 Tree ids on the wire are the decimal tree index, granted by the store with a lease.
+
+Threads: one writer, and samples answered beside it. A sample must not wait for an ingest commit's
+fsync (25-40 ms on a slow disk), so the state lock (`TreeStore._lock`) guards the in-memory state
+and is held for a transaction's body but not for its commit. Hence the rules:
+- What a commit makes readable (a completed tree) becomes sampleable only after that commit
+  (`_publish`); what a body removes (stale trees, evictions) is gone from memory at once. So every
+  tree the in-memory state offers is in the snapshot of a read transaction opened under the lock,
+  and it stays there: LMDB keeps a snapshot's pages while its transaction is open, whatever later
+  commits delete.
+- `answer_sample` (any thread) chooses under the lock, reserves the trees (FIFO trees, and trees
+  that reach max_times_sampled, leave the ready set; the rate limiter and times_sampled count the
+  reservation), reads them and replies without it. The writer records reserved samples whose reply
+  went out (`commit_samples`: times sampled, FIFO retirement, the remembered batch) after the reply;
+  a failed reply gives its trees back. A crash before that commit may hand them out again (at least
+  once; the learner drops (tree_id, times_sampled) it already has). Reservations outlive `_load`,
+  which hides their trees again, and a failed bookkeeping commit is retried. A reserved tree stays
+  READY (held, not retired) until recorded, so eviction, which takes retired trees only, leaves it
+  alone; one retired meanwhile as stale may go, but its reply reads its own snapshot.
+- py-lmdb opens every environment with MDB_NOTLS, so read transactions (and pinned ones) may be
+  begun and ended on any thread; LMDB's writer lock stays with the writer thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import struct
+import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -175,7 +197,7 @@ class ReadPin:
 
     Why: a sink that sends the buffers themselves (zero-copy) needs the pages until the send is
     done, and LMDB keeps a snapshot's pages only while its transaction is open. A kept pin must be
-    released (from the store's thread) once nothing reads the buffers any more.
+    released (from any thread: MDB_NOTLS) once nothing reads the buffers any more.
     """
 
     def __init__(self, txn: lmdb.Transaction) -> None:
@@ -203,6 +225,27 @@ class SampleDecision:
     ready: bool
     reason: str
     trees: list[SampledTree] = field(default_factory=list)
+
+
+class _Reply(StrEnum):
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+@dataclass
+class _Reservation:
+    """Trees chosen for a sample whose bookkeeping is not committed yet (see the module docstring)."""
+
+    key: int
+    request_id: str
+    indexes: list[int]
+    picked: list[tuple[TreeRecord, int]]  # each record as this sample leaves it, and its staleness
+    reply: _Reply = _Reply.SENDING
+
+
+class VersionAheadError(RuntimeError):
+    """A sample request carries a learner version the store has not recorded yet (a write comes first)."""
 
 
 class StoreError(RuntimeError):
@@ -252,7 +295,12 @@ def open_environment(path: Path, map_size_bytes: int, readonly: bool = False) ->
 
 
 class TreeStore:
-    """The replay store. Not thread-safe: one thread of one process calls it."""
+    """The replay store of one process: one writer thread, samples answered from any thread.
+
+    Every method that writes (ingest, grant_leases, expire_leases, set_learner_version,
+    commit_samples, sample) belongs to the writer thread; `answer_sample` and `stats` may be called
+    from other threads meanwhile (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -274,16 +322,22 @@ class TreeStore:
         self.db_ready = self.env.open_db(b"ready")
         self.db_batches = self.env.open_db(b"batches")
         self.db_meta = self.env.open_db(b"meta")
+        self._lock = threading.RLock()  # the in-memory state; never held through a commit
+        self._writer = threading.Lock()  # one transaction at a time, body and commit
+        self._reservations: dict[int, _Reservation] = {}
+        self._reservation_keys = itertools.count()
+        self._pending: Counter[int] = Counter()  # tree index -> reserved samples not yet recorded
         self._load()
 
     # ------------------------------------------------------------------------------ state (cache)
 
     def _load(self) -> None:
-        """(Re)build every in-memory index from disk."""
+        """(Re)build every in-memory index from disk; reservations survive and hide their trees again."""
         self.counters: dict[str, Any] = dict.fromkeys(COUNTER_NAMES, 0)
         self.live: dict[int, TreeRecord] = {}
         self.shapes: dict[int, dict[int, tuple[int, NodeShape]]] = {}
-        self.ready_fifo: deque[int] = deque()
+        self.ready_fifo: dict[int, None] = {}  # in completion order
+        self._unpublished: dict[int, None] = {}  # ready in the open transaction, sampleable once it commits
         self.sampleable: list[int] = []
         self.sampleable_pos: dict[int, int] = {}
         self.retired: OrderedDict[int, None] = OrderedDict()
@@ -308,7 +362,7 @@ class TreeStore:
             for _, value in txn.cursor(db=self.db_ready):
                 index = _U64.unpack(value)[0]
                 if index in self.live and self.live[index].state is TreeState.READY:
-                    self._add_ready(index)
+                    self._show_ready(index)
             retired = sorted(
                 (r for r in self.live.values() if r.state in _RETIRED_STATES), key=lambda r: r.retired_seq or 0
             )
@@ -321,6 +375,11 @@ class TreeStore:
                 batch_rows.append((entry["seq"], key.decode(), entry["trees"]))
             for _, request_id, trees in sorted(batch_rows):
                 self.batches[request_id] = trees
+        self._committed_inserts = self.counters["inserts"]
+        self._pending = Counter(i for r in self._reservations.values() for i in r.indexes)
+        for index in self._pending:
+            if index in self.live and self._hidden(index):
+                self._remove_ready(index)
 
     def _read_shapes(self, txn: lmdb.Transaction, index: int) -> dict[int, tuple[int, NodeShape]]:
         shapes: dict[int, tuple[int, NodeShape]] = {}
@@ -348,21 +407,53 @@ class TreeStore:
             yield _SUBTREE_KEY.unpack(key)[1], value
 
     def _add_ready(self, index: int) -> None:
-        if self.config.sampler == "fifo":
-            self.ready_fifo.append(index)
-        else:
+        """A tree completed in the open transaction: sampleable once that commits (`_publish`)."""
+        self._unpublished[index] = None
+
+    def _publish(self) -> None:
+        """After a commit: its completed trees become sampleable, its inserts count for the limiter."""
+        for index in self._unpublished:
+            self._show_ready(index)
+        self._unpublished.clear()
+        self._committed_inserts = self.counters["inserts"]
+
+    def _show_ready(self, index: int, in_order: bool = False) -> None:
+        if self.config.sampler != "fifo":
             self.sampleable_pos[index] = len(self.sampleable)
             self.sampleable.append(index)
+            return
+        self.ready_fifo[index] = None
+        if in_order:  # a tree given back: back to its place in completion order
+            self.ready_fifo = dict.fromkeys(sorted(self.ready_fifo, key=lambda i: self.live[i].ready_seq or 0))
+
+    def _is_shown(self, index: int) -> bool:
+        return index in (self.ready_fifo if self.config.sampler == "fifo" else self.sampleable_pos)
 
     def _remove_ready(self, index: int) -> None:
-        if self.config.sampler == "fifo":
-            self.ready_fifo.remove(index)
+        """Take a tree out of the ready set (a no-op for one not in it: reserved, or already out)."""
+        if index in self._unpublished:
+            del self._unpublished[index]
             return
-        position = self.sampleable_pos.pop(index)
+        if self.config.sampler == "fifo":
+            self.ready_fifo.pop(index, None)
+            return
+        position = self.sampleable_pos.pop(index, None)
+        if position is None:
+            return
         last = self.sampleable.pop()
         if last != index:
             self.sampleable[position] = last
             self.sampleable_pos[last] = position
+
+    def _used_up(self, times_sampled: int) -> bool:
+        """Whether a tree sampled this often retires (FIFO: after one sample)."""
+        limit = self.config.max_times_sampled
+        return self.config.sampler == "fifo" or bool(limit and times_sampled >= limit)
+
+    def _hidden(self, index: int) -> bool:
+        """Whether a ready tree's reservations keep it out of the ready set until they are recorded."""
+        pending = self._pending.get(index, 0)
+        return pending > 0 and self._used_up(self.live[index].times_sampled + pending)
 
     # ------------------------------------------------------------------------------ derived figures
 
@@ -382,9 +473,10 @@ class TreeStore:
 
     @property
     def _limiter_samples(self) -> float:
-        """Samples as the rate limiter sees them: a stale-dropped tree's unused samples count as taken,
-        because they never will be; otherwise every stale drop would shrink the insert room for good."""
-        return self.counters["samples"] + self.counters["forfeited_samples"]
+        """Samples as the rate limiter sees them: reserved ones count, and a stale-dropped tree's unused
+        samples count as taken, because they never will be; otherwise every stale drop would shrink
+        the insert room for good."""
+        return self.counters["samples"] + self.counters["forfeited_samples"] + self._pending.total()
 
     @property
     def learner_version(self) -> int:
@@ -392,28 +484,40 @@ class TreeStore:
 
     # ------------------------------------------------------------------------------ transactions
 
-    def _transact(
-        self, body: Callable[[lmdb.Transaction], Any], before_commit: Callable[[Any], Any] | None = None
-    ) -> Any:
+    def _transact(self, body: Callable[[lmdb.Transaction], Any]) -> Any:
         """Run `body` in one write transaction; on failure nothing is applied and caches are rebuilt.
 
-        `before_commit(result)` runs after the body, before the commit (and its fsync); what it returns
-        is returned instead of the body's result. An exception in it aborts the transaction.
+        The body runs under the state lock, the commit (and its fsync) without it, so that samples are
+        answered while the disk writes; `_publish` then makes what the commit stored sampleable.
         """
-        txn = self.env.begin(write=True)
-        try:
-            result = body(txn)
-            txn.put(_COUNTERS_KEY, json.dumps(self.counters).encode(), db=self.db_meta)
-            if before_commit is not None:
-                result = before_commit(result)
-            txn.commit()
-        except BaseException as error:
-            txn.abort()
-            self._load()
-            if isinstance(error, lmdb.Error):
-                raise StoreError(f"LMDB transaction failed: {error}") from error
-            raise
+        with self._writer:
+            with self._lock:
+                txn = self.env.begin(write=True)
+                try:
+                    result = body(txn)
+                    txn.put(_COUNTERS_KEY, json.dumps(self.counters).encode(), db=self.db_meta)
+                except BaseException as error:
+                    self._abandon(txn, error)
+                    raise
+            try:
+                self._commit(txn)
+            except BaseException as error:
+                with self._lock:
+                    self._abandon(txn, error)
+                raise
+            with self._lock:
+                self._publish()
         return result
+
+    def _commit(self, txn: lmdb.Transaction) -> None:
+        """Commit a write transaction and wait for the disk (the state lock is free meanwhile)."""
+        txn.commit()
+
+    def _abandon(self, txn: lmdb.Transaction, error: BaseException) -> None:
+        txn.abort()
+        self._load()
+        if isinstance(error, lmdb.Error):
+            raise StoreError(f"LMDB transaction failed: {error}") from error
 
     def _put_record(self, txn: lmdb.Transaction, record: TreeRecord) -> None:
         txn.put(_U64.pack(record.index), record.encode(), db=self.db_trees)
@@ -572,8 +676,8 @@ class TreeStore:
         self._retire(txn, record, TreeState.STALE)
         self.counters["stale_dropped"] += 1
         if self.limiter is not None:
-            unused = self.limiter.samples_per_insert - record.times_sampled
-            self.counters["forfeited_samples"] += max(0.0, unused)
+            taken = record.times_sampled + self._pending.get(record.index, 0)
+            self.counters["forfeited_samples"] += max(0.0, self.limiter.samples_per_insert - taken)
 
     def _drop(self, txn: lmdb.Transaction, record: TreeRecord, state: TreeState, reason: str | None) -> None:
         """Delete a tree's subtrees and keep a tombstone in `state`."""
@@ -735,70 +839,194 @@ class TreeStore:
         sink: MessageSink | None = None,
         reply: Callable[[SampleDecision], None] | None = None,
     ) -> SampleDecision:
-        """Hand out n completed trees (all or none); a repeated request_id returns the same trees.
+        """Writer thread: record a newer learner version, answer the sample, then record it.
 
-        The trees' messages are read from a read transaction (the last committed state, which holds
-        every subtree of a completed tree) and passed to `sink` as LMDB buffers (valid during that
-        call, or until the pin the sink kept is released); its results become the trees' `messages`.
-        The default sink copies them into bytes.
+        What the service does on two threads (`answer_sample` and `commit_samples`), in one call.
+        `reply(decision)` is called before the sample's bookkeeping commit, so a sample's latency
+        does not include its own fsync; if replay dies between the two, the same trees can be handed
+        out again after the restart (the learner drops trees it has already trained on, see
+        `learner.sampling`). If that commit fails, the error is raised after the reply went out.
+        """
+        try:
+            try:
+                return self.answer_sample(request_id, n, learner_version, sink, reply)
+            except VersionAheadError:
+                self.set_learner_version(learner_version)
+                return self.answer_sample(request_id, n, learner_version, sink, reply)
+        finally:
+            self.commit_samples()
 
-        `reply(decision)`, when given, is called with the decision before the bookkeeping commit
-        (times sampled, FIFO retirement, the remembered batch) is fsynced, so the answer travels while
-        the disk writes: a sample's latency does not include its own fsync. The price: if replay dies
-        between the reply and the end of that commit, the same trees can be handed out again after
-        the restart (the learner drops trees it has already trained on, see `learner.sampling`). If
-        the commit fails, the in-memory state is rebuilt from the store and the error is raised after
-        the reply went out.
+    def answer_sample(
+        self,
+        request_id: str,
+        n: int,
+        learner_version: int,
+        sink: MessageSink | None = None,
+        reply: Callable[[SampleDecision], None] | None = None,
+    ) -> SampleDecision:
+        """Any thread: hand out n completed trees (all or none); a repeated request_id gets the same trees.
+
+        Writes nothing and never waits for a commit (only for a transaction body, which holds the
+        state lock): the trees are reserved, read from a read transaction (the last committed state,
+        which holds every subtree of a sampleable tree) and passed to `sink` as LMDB buffers (valid
+        during that call, or until the pin the sink kept is released); its results become the trees'
+        `messages` (the default sink copies them into bytes). `reply(decision)`, when given, is then
+        called; the writer records the sample in its next `commit_samples`, or gives the trees back
+        if reading or replying raised. Raises VersionAheadError when `learner_version` is newer than
+        the store's (the writer records it first, `set_learner_version`), and StoreError when LMDB
+        could not be read.
         """
         if n > self.config.capacity_trees:
             raise SampleRequestError(
                 f"asked for {n} trees but the store holds at most replay.capacity_trees={self.config.capacity_trees}"
             )
-        sink = sink or copy_messages
-        if request_id in self.batches:
-            decision = self._replay_batch(request_id, sink)
+        with self._lock:
+            plan = self._plan_sample(request_id, n, learner_version)
+        if isinstance(plan, SampleDecision):
+            if reply is not None:
+                reply(plan)
+            return plan
+        picked, txn, reservation = plan
+        try:
+            decision = SampleDecision(True, "", self._read_trees(txn, picked, sink or copy_messages))
             if reply is not None:
                 reply(decision)
-            return decision
-        if learner_version > self.learner_version:
-            self.set_learner_version(learner_version)
+        except BaseException as error:
+            self._settle(reservation, _Reply.FAILED)
+            if isinstance(error, lmdb.Error):
+                raise StoreError(f"LMDB read failed: {error}") from error
+            raise
+        self._settle(reservation, _Reply.SENT)
+        return decision
 
-        def body(txn: lmdb.Transaction) -> SampleDecision | list[tuple[TreeRecord, int]]:
+    def _plan_sample(
+        self, request_id: str, n: int, learner_version: int
+    ) -> SampleDecision | tuple[list[tuple[TreeRecord, int]], lmdb.Transaction, _Reservation | None]:
+        """Under the lock: the trees to send and the read transaction to read them from, or a refusal."""
+        reservation = None
+        picked = self._retry_picks(request_id)
+        if isinstance(picked, SampleDecision):
+            return picked
+        if picked is None:
+            if learner_version > self.learner_version:
+                raise VersionAheadError(f"learner version {learner_version} is ahead of {self.learner_version}")
             reason = self._sample_block_reason(n)
             if reason is not None:
                 return SampleDecision(False, reason)
-            chosen = self._choose(n)
-            picked = []
-            for index in chosen:
-                record = self.live[index]
-                record.times_sampled += 1
-                self.counters["samples"] += 1
-                picked.append((record, record.staleness(self.learner_version)))
-                if self.config.sampler == "fifo" or (
-                    self.config.max_times_sampled and record.times_sampled >= self.config.max_times_sampled
-                ):
-                    self._retire(txn, record, TreeState.CONSUMED)
+            reservation = self._reserve(request_id, n)
+            picked = reservation.picked
+        try:
+            # Begun under the lock: no body can delete a picked tree before this snapshot exists.
+            txn = self.env.begin(buffers=True)
+        except lmdb.Error as error:
+            self._settle(reservation, _Reply.FAILED)
+            raise StoreError(f"LMDB read failed: {error}") from error
+        return picked, txn, reservation
+
+    def _reserve(self, request_id: str, n: int) -> _Reservation:
+        """Choose n trees and reserve them; FIFO trees (and trees sampled up to the limit) leave the ready set."""
+        picked = []
+        chosen = self._choose(n)
+        for index in chosen:
+            record = self.live[index]
+            self._pending[index] += 1
+            times = record.times_sampled + self._pending[index]
+            state = TreeState.CONSUMED if self._used_up(times) else record.state
+            picked.append((replace(record, times_sampled=times, state=state), record.staleness(self.learner_version)))
+            if self._hidden(index):
+                self._remove_ready(index)
+        reservation = _Reservation(next(self._reservation_keys), request_id, chosen, picked)
+        self._reservations[reservation.key] = reservation
+        return reservation
+
+    def _settle(self, reservation: _Reservation | None, outcome: _Reply) -> None:
+        if reservation is not None:
+            with self._lock:
+                reservation.reply = outcome
+
+    def _retry_picks(self, request_id: str) -> list[tuple[TreeRecord, int]] | SampleDecision | None:
+        """A repeated request's trees (reserved or recorded), a refusal if they are gone, or None if new."""
+        reserved = next(
+            (r for r in self._reservations.values() if r.request_id == request_id and r.reply is not _Reply.FAILED),
+            None,
+        )
+        if reserved is not None:
+            indexes = reserved.indexes
+            shown = {record.index: record for record, _ in reserved.picked}
+        elif request_id in self.batches:
+            indexes = self.batches[request_id]
+            shown = {}
+        else:
+            return None
+        picked = []
+        for index in indexes:
+            record = self.live.get(index)
+            if record is None:
+                return SampleDecision(False, f"request {request_id} was answered before, but its trees are gone")
+            copy = shown[index] if index in shown else replace(record)
+            picked.append((copy, record.staleness(self.learner_version)))
+        return picked
+
+    def commit_samples(self) -> int:
+        """Writer thread: record every reserved sample whose reply went out; give back those that failed.
+
+        Records times sampled, FIFO (or max_times_sampled) retirement and the batch for retries.
+        Returns how many samples were settled.
+        """
+        with self._lock:
+            done = [r for r in self._reservations.values() if r.reply is not _Reply.SENDING]
+        if not done:
+            return 0
+
+        def body(txn: lmdb.Transaction) -> None:
+            for reservation in done:
+                if reservation.reply is _Reply.SENT:
+                    self._record_sample(txn, reservation)
                 else:
-                    self._put_record(txn, record)
-            self.counters["sample_batches"] += 1
-            self._remember_batch(txn, request_id, chosen)
-            return picked
+                    self._give_back(txn, reservation)
 
-        def answer(outcome: SampleDecision | list[tuple[TreeRecord, int]]) -> SampleDecision:
-            decision = (
-                outcome
-                if isinstance(outcome, SampleDecision)
-                else SampleDecision(True, "", self._read_trees(outcome, sink))
-            )
-            if reply is not None:
-                reply(decision)
-            return decision
+        self._transact(body)
+        with self._lock:
+            for reservation in done:
+                del self._reservations[reservation.key]
+        return len(done)
 
-        return self._transact(body, before_commit=answer)
+    def _record_sample(self, txn: lmdb.Transaction, reservation: _Reservation) -> None:
+        for index in reservation.indexes:
+            self._unpend(index)
+            self.counters["samples"] += 1
+            record = self.live.get(index)
+            if record is None:  # stale, then evicted, while its reply was out
+                continue
+            record.times_sampled += 1
+            if record.state is TreeState.READY and self._used_up(record.times_sampled):
+                self._retire(txn, record, TreeState.CONSUMED)
+            else:
+                self._put_record(txn, record)
+        self.counters["sample_batches"] += 1
+        self._remember_batch(txn, reservation.request_id, reservation.indexes)
 
-    def _read_trees(self, picked: Sequence[tuple[TreeRecord, int]], sink: MessageSink) -> list[SampledTree]:
-        """The picked trees' messages through `sink`, all from one read transaction (zero-copy buffers)."""
-        txn = self.env.begin(buffers=True)
+    def _give_back(self, txn: lmdb.Transaction, reservation: _Reservation) -> None:
+        """A reservation whose reply never went out: its trees are sampleable again (unless stale by now)."""
+        for index in reservation.indexes:
+            self._unpend(index)
+            record = self.live.get(index)
+            if record is None or record.state is not TreeState.READY or self._is_shown(index) or self._hidden(index):
+                continue
+            if record.staleness(self.learner_version) > self.config.max_staleness:
+                self._retire_stale(txn, record)
+            else:
+                self._show_ready(index, in_order=True)
+
+    def _unpend(self, index: int) -> None:
+        self._pending[index] -= 1
+        if self._pending[index] <= 0:
+            del self._pending[index]
+
+    def _read_trees(
+        self, txn: lmdb.Transaction, picked: Sequence[tuple[TreeRecord, int]], sink: MessageSink
+    ) -> list[SampledTree]:
+        """The picked trees' messages through `sink`, all from `txn` (buffers=True: zero-copy views)."""
         pin = ReadPin(txn)
         try:
             per_tree = [self._message_views(txn, record.index) for record, _ in picked]
@@ -829,12 +1057,12 @@ class TreeStore:
         if ready < n:
             return f"{ready} completed trees ready, {n} requested ({self.growing} growing)"
         if self.limiter is not None:
-            return self.limiter.sample_block_reason(n, self.counters["inserts"], self._limiter_samples)
+            return self.limiter.sample_block_reason(n, self._committed_inserts, self._limiter_samples)
         return None
 
     def _choose(self, n: int) -> list[int]:
         if self.config.sampler == "fifo":
-            return [self.ready_fifo[i] for i in range(n)]
+            return list(itertools.islice(self.ready_fifo, n))
         return self.rng.sample(self.sampleable, n)
 
     def _remember_batch(self, txn: lmdb.Transaction, request_id: str, indexes: list[int]) -> None:
@@ -845,16 +1073,6 @@ class TreeStore:
         while len(self.batches) > self.config.sample_batches_kept:
             old_id, _ = self.batches.popitem(last=False)
             txn.delete(old_id.encode(), db=self.db_batches)
-
-    def _replay_batch(self, request_id: str, sink: MessageSink) -> SampleDecision:
-        picked = []
-        with self.env.begin() as txn:
-            for index in self.batches[request_id]:
-                record = self._get_record(txn, index)
-                if record is None or record.state not in _LIVE_STATES:
-                    return SampleDecision(False, f"request {request_id} was answered before, but its trees are gone")
-                picked.append((record, record.staleness(self.learner_version)))
-        return SampleDecision(True, "", self._read_trees(picked, sink))
 
     # ------------------------------------------------------------------------------ capacity
 
@@ -871,9 +1089,14 @@ class TreeStore:
     # ------------------------------------------------------------------------------ reading
 
     def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         capacity = admission_capacity(self.config.max_staleness, self.learner_version, self.config.trees_per_step)
         return {
             **self.counters,
+            "samples_pending": self._pending.total(),
             "growing": self.growing,
             "ready": self.ready_count,
             "retired_kept": len(self.retired),

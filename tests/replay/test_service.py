@@ -258,3 +258,62 @@ def test_sample_replies_arrive_zero_copy_and_equal_the_stored_trees(tmp_path: Pa
         svc.stop()
         thread.join(timeout=10)
         svc.close()
+
+
+def test_a_sample_is_answered_while_an_ingest_commit_waits_for_the_disk(
+    service: ReplayService, peer: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree_ids = lease(peer, 3)
+    rng = np.random.default_rng(2)
+    sent = {tree_id: tree_messages(random_tree(rng, tree_id, n_nodes=5)) for tree_id in tree_ids}
+    for tree_id in tree_ids[:2]:
+        for data in sent[tree_id]:
+            assert peer.request(SubtreeMsg(req=1), [data])[0].kind == "ack"
+    entered, release = threading.Event(), threading.Event()
+    commit = service.store._commit
+
+    def held_commit(txn: Any) -> None:  # the next commit waits for the test, as on a slow disk
+        if not release.is_set():
+            entered.set()
+            release.wait(30)
+        commit(txn)
+
+    monkeypatch.setattr(service.store, "_commit", held_commit)
+    ctx = zmq.Context()
+    try:
+        learner = Peer(ctx, service.endpoint)
+        for seq, data in enumerate(sent[tree_ids[2]]):
+            peer.send(encode_message(SubtreeMsg(req=100 + seq), [data]))
+        assert entered.wait(10), "the ingest commit never started"
+        reply, blobs = learner.request(SampleRequestMsg(req=7, request_id="a", n=2, learner_version=0))
+        assert reply.ready and [t.tree_id for t in reply.trees] == tree_ids[:2]
+        assert [bytes(b) for b in blobs] == sent[tree_ids[0]] + sent[tree_ids[1]]
+        assert not peer.sock.poll(0)  # the commit is still held: nothing of the third tree is acked
+        reply, _ = learner.request(SampleRequestMsg(req=8, request_id="b", n=1, learner_version=0))
+        assert not reply.ready  # the third tree is not sampleable before its commit
+        release.set()
+        acks = [peer.recv()[0] for _ in sent[tree_ids[2]]]
+        assert sorted((a.kind, a.seq) for a in acks) == [("ack", seq) for seq in range(len(sent[tree_ids[2]]))]
+        reply, _ = learner.request(SampleRequestMsg(req=9, request_id="c", n=1, learner_version=0))
+        assert reply.ready and [t.tree_id for t in reply.trees] == tree_ids[2:]
+        reply, _ = learner.request(SampleRequestMsg(req=10, request_id="a", n=2, learner_version=0))
+        assert [t.tree_id for t in reply.trees] == tree_ids[:2]  # a retried request: the same trees
+    finally:
+        release.set()
+        ctx.destroy(linger=0)
+    figures = stats(peer)["store"]
+    assert (figures["samples"], figures["sample_batches"]) == (3, 2)
+
+
+def test_a_sample_with_a_newer_learner_version_records_it_first(peer: Peer) -> None:
+    tree_ids = lease(peer, 2)
+    rng = np.random.default_rng(3)
+    for tree_id in tree_ids:
+        for data in tree_messages(random_tree(rng, tree_id, n_nodes=5)):
+            assert peer.request(SubtreeMsg(req=1), [data])[0].kind == "ack"
+    reply, _ = peer.request(SampleRequestMsg(req=7, request_id="a", n=2, learner_version=2))
+    assert reply.ready and [t.staleness for t in reply.trees] == [2, 2]
+    figures = stats(peer)["store"]
+    assert (figures["learner_version"], figures["samples"]) == (2, 2)
+    reply, _ = peer.request(SampleRequestMsg(req=8, request_id="b", n=1, learner_version=3))
+    assert not reply.ready and stats(peer)["store"]["learner_version"] == 3
