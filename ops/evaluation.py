@@ -142,16 +142,6 @@ def _mean(values: Iterable[float]) -> float:
     return sum(items) / len(items) if items else 0.0
 
 
-def hops_of(task: Task) -> int | None:
-    """The task's hop count when its metadata has one (the synthetic world's questions do)."""
-    value = task.metadata.get("hops")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
-
-
 def summarize(
     records: Sequence[EpisodeRecord],
     model_dir: str = "",
@@ -237,7 +227,7 @@ async def run_episode(
     return EpisodeRecord(
         task_id=task.task_id,
         data_source=task.data_source,
-        hops=hops_of(task),
+        hops=task.hops,
         golden_answers=list(task.golden_answers),
         answer=reward.answer,
         em=100.0 * reward.details.get("em", 0.0),

@@ -22,7 +22,7 @@ from ops.replay_cmd import ConfigOption, SetOption, load_or_exit
 # RL trains on world 2 and is evaluated on world 3, never on worlds 0 and 1, whose text the tiny tokenizer was
 # trained on (`actors.tiny_model.world_training_texts`): there BPE made many names one token of their own, which
 # the policy cannot copy. With RL on world 0, 6.6% of its one-hop trees held a correct leaf (0 of 81 whose
-# answer was one such token); on world 2, 36%.
+# answer was one such token); on world 2, 36% and 41% in two runs.
 # A --config file replaces these; --set still overrides either.
 EMBEDDED_OVERRIDES = (
     "tree.max_new_tokens=96",

@@ -7,7 +7,7 @@ Decided here:
   take a file lock, so exactly one generates it. Arithmetic tasks are generated in memory.
   Datasets are read with `tools_env.datasets.load_tasks`.
 - `training_tasks(config, splits)` is what actors train on: the train split, restricted to
-  `tasks.train_hops` when set (tasks without a `hops` in their metadata are kept out then); a
+  `tasks.train_hops` when set (by `Task.hops`; tasks without a hop count are kept out then); a
   restriction that leaves nothing is a ConfigError naming the key.
 - `build_environment(config, corpus)` assembles protocol, tools, reward and limits. The search
   tool uses a local BM25 index over `search.corpus` (else the task corpus), or the HTTP retriever
@@ -145,7 +145,7 @@ def training_tasks(config: RunConfig, splits: TaskSplits) -> tuple[Task, ...]:
     wanted = config.tasks.train_hops
     if wanted is None:
         return splits.train
-    chosen = tuple(task for task in splits.train if task.metadata.get("hops") in wanted)
+    chosen = tuple(task for task in splits.train if task.hops in wanted)
     if not chosen:
         raise ConfigError(f"tasks.train_hops = {wanted}: no training task has these hop counts")
     return chosen

@@ -47,6 +47,16 @@ class Task:
             sort_keys=True,
         )
 
+    @property
+    def hops(self) -> int | None:
+        """The hop count when the metadata has one (the synthetic world's questions do; a dataset may give a string)."""
+        value = self.metadata.get("hops")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        return None
+
     @classmethod
     def from_json(cls, line: str) -> Task:
         record = json.loads(line)

@@ -128,3 +128,11 @@ def test_dataset_tasks_load_from_a_file(tmp_path: Path) -> None:
     path.write_text(Task("a-1", "Who?", ("Ada",), "custom").to_json() + "\n", encoding="utf-8")
     splits = prepare_tasks(build_config({"tasks": {"source": "dataset", "path": str(path)}}))
     assert [task.task_id for task in splits.train] == ["a-1"] and splits.test == ()
+
+
+def test_task_hops_reads_ints_and_digit_strings_only() -> None:
+    def task(**metadata: object) -> Task:
+        return Task("t", "q?", ("a",), "src", metadata)
+
+    assert task(hops=2).hops == 2 and task(hops="3").hops == 3
+    assert task().hops is None and task(hops=True).hops is None and task(hops="two").hops is None
