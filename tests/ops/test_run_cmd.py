@@ -39,3 +39,14 @@ def test_embedded_task_worlds_are_not_the_tokenizers_worlds() -> None:
 def test_embedded_overrides_apply_only_without_a_config_file(tmp_path: Path) -> None:
     assert embedded_overrides(None) == EMBEDDED_OVERRIDES
     assert embedded_overrides(tmp_path / "run.toml") == ()
+
+
+def test_embedded_demonstration_worlds_are_neither_task_nor_tokenizer_worlds() -> None:
+    """The warm start's worlds are fresh-named: not RL's training world, not the held-out one, not the tokenizer's."""
+    from ops.demos import demo_world_configs
+
+    config = load_config(None, EMBEDDED_OVERRIDES)
+    seeds = [world.tasks.train_seed for world in demo_world_configs(config)]
+    assert len(seeds) == len(set(seeds)) == config.sft.demo_worlds
+    assert not set(seeds) & {0, 1, config.tasks.train_seed, config.tasks.test_seed}
+    assert len({world.tasks.data_dir for world in demo_world_configs(config)}) == len(seeds)
