@@ -35,7 +35,9 @@ A tiny policy trained on one world memorises its names and cannot copy an unseen
 observation. Measured on the held-out world (teacher
 forced; the 2-layer tiny policy; 3,000 demonstrations with 3 retrieved pages each), the first turn (question
 copied, query written) came out exactly for 2% of the tasks after 10 epochs on one world, and for 45% after 8
-epochs on 11 worlds.
+epochs on 11 worlds. More worlds for the same number of steps help further: with the embedded default's
+2,048-token steps (1,814 of them), 1,500 demonstrations from 10 worlds for 10 epochs gave held-out
+demonstration loss 0.43 and 14.5 greedy EM on world 3; 3,000 from 30 worlds for 5 epochs, 0.23 and 27.0.
 
 Imperfect demonstrations (`sft.imperfect_fraction` of them, slots drawn with `sft.seed`) make one
 plausible mistake (drawn uniformly from `sft.mistakes`), so that the warm-started policy is not already
