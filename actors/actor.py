@@ -12,6 +12,9 @@ Decided here:
   final message (allowed: a node may be repeated with identical content). Sending blocks while
   replay's window of unacked messages is full: that is the back-pressure on this tree.
 - Leases of growing trees are renewed every third of their TTL.
+- Replay away (restarting): a lease request that times out is counted (`lease_timeouts`) and asked
+  again after a backoff (the replay client re-uses its request id, so replay grants it once); the
+  actor keeps running and its growing trees keep streaming into the client's window.
 - Weights: see actors.weight_sync; every token carries the version that generated it.
 - SIGTERM / SIGINT (or `actor.max_trees` reached): no new leases; trees already growing are
   abandoned (replay expires their leases), sent messages are flushed, and the process exits 0.
@@ -43,8 +46,10 @@ from actors.weight_sync import WeightWatcher
 from common.config import RunConfig, TreeConfig
 from common.log import get_logger
 from common.metrics import Counters, MetricsWriter
+from common.replay_client import ReplayTimeout
 from common.subtree import SubtreeHeader, encode_subtree
 from common.tree import TurnNode
+from common.wire import LeaseGrantMsg
 from tools_env.env import ToolEnvironment
 from tools_env.task import Task
 
@@ -253,11 +258,13 @@ class Actor:
             limit = self.config.actor.max_trees
             if limit is not None:
                 wanted = min(wanted, limit - self._trees_started)
-            grant = await link.leases(wanted)
-            self._learner_version = max(self._learner_version, grant.learner_version)
-            if not grant.tree_ids:
-                self.counters.inc("leases_refused")
-                log.debug("leases_refused", reason=grant.reason)
+            grant = await self._ask_leases(link, wanted)
+            if grant is not None:
+                self._learner_version = max(self._learner_version, grant.learner_version)
+            if grant is None or not grant.tree_ids:
+                if grant is not None:
+                    self.counters.inc("leases_refused")
+                    log.debug("leases_refused", reason=grant.reason)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), timeout=backoff_s)
                 backoff_s = min(2.0, backoff_s * 2)
@@ -345,11 +352,22 @@ class Actor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=interval)
             if self._growing and not self.stopping.is_set():
-                grant = await link.leases(0, renew=sorted(self._growing))
+                grant = await self._ask_leases(link, 0, renew=sorted(self._growing))
+                if grant is None:
+                    continue
                 self._learner_version = max(self._learner_version, grant.learner_version)
                 if grant.lost:
                     self.counters.inc("leases_lost", len(grant.lost))
                     log.warning("leases_lost", trees=grant.lost)
+
+    async def _ask_leases(self, link: ReplayLink, n: int, renew: Sequence[str] = ()) -> LeaseGrantMsg | None:
+        """A lease grant, or None when replay did not answer in time (counted; the caller asks again)."""
+        try:
+            return await link.leases(n, renew=renew)
+        except ReplayTimeout as error:
+            self.counters.inc("lease_timeouts")
+            log.warning("lease_request_timed_out", n=n, renew=len(renew), error=str(error))
+            return None
 
     async def _report(self, link: ReplayLink, scheduler: GenerationScheduler, interval_s: float = 10.0) -> None:
         while not self.stopping.is_set():

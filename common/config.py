@@ -85,6 +85,9 @@ class ReplayConfig(_Section):
     sample_batches_kept: int = Field(
         256, ge=1, description="recent sample batches remembered so a retried request gets the same trees"
     )
+    lease_requests_kept: int = Field(
+        1024, ge=1, description="recent lease grants remembered so a re-sent lease request gets the same trees"
+    )
     seed: int = Field(0, description="seed of the uniform sampler")
 
 

@@ -17,8 +17,8 @@ Delivery rules (decided here):
   and a new one completed its handshake (a restarted replay), everything unacked and every open
   request is re-sent at once. While the monitor says the link is down (disconnected, connection
   refused, handshake failed) timed resends are held back: ZeroMQ keeps queued messages for the
-  next connection, so copies would only pile up (and lease requests, which are not idempotent,
-  would be granted several times). Before the monitor has reported anything the link counts as up.
+  next connection, so copies would only pile up. Before the monitor has reported anything the link
+  counts as up.
 - **Restarts.** The first lease request of a client says `release_others`: replay then drops the
   growing trees of this actor id that the request does not renew (a restarted actor with a fixed id
   frees its admission slots at once instead of after the lease TTL). Actor ids must be unique.
@@ -36,12 +36,17 @@ Delivery rules (decided here):
   and `learner_version` waits on it again, with the same request_id (so trees replay already gave
   out under that id are not lost); different arguments abandon it (counted in `abandoned_samples`).
   A not-ready reply closes the request; the next attempt uses a new request_id.
-- **Leases** are re-sent with the same rules; replay may then grant twice and the extra leases
-  simply expire. A timed-out lease request is forgotten (a late grant is ignored).
+- **Leases** carry a fresh `request_id` and are re-sent with the same rules; replay answers every
+  copy of one request id with the trees it granted the first time, so a re-send (or a copy ZeroMQ
+  queued while replay was down and delivered to the restarted one) never takes more admission
+  slots. A lease request that times out unanswered stays open: the next request for the same `n`
+  re-uses its request_id (and so gets the trees replay may have granted meanwhile); a request for
+  another `n` abandons it (counted in `abandoned_leases`; what replay granted to it expires with
+  its TTL). `release_others` stays on until a grant has been received.
 - **Counters** (`counters()`): `sent`, `resent`, `bad_replies`, `late_replies`, `reconnects`,
   `send_blocked` (ZeroMQ queue full, left to the timer); the actor adds `acked` (subtrees that left
   the window by an ack), `duplicates` (acks flagged duplicate, matched or late: redundant copies),
-  `unacked` and `rejected`; the learner adds `abandoned_samples`.
+  `unacked`, `rejected` and `abandoned_leases`; the learner adds `abandoned_samples`.
 - Every wait uses `zmq.Poller` with a timeout bounded by the next due resend; nothing spins.
 
 Not thread-safe (ZeroMQ sockets are not): use one client per thread. `close()` drops whatever is
@@ -483,6 +488,8 @@ class ActorReplayClient(_ReplayConnection):
         self.duplicates = 0
         self.rejected: list[RejectedSubtree] = []
         self._first_lease_request = True
+        self._unanswered_lease: tuple[int, str] | None = None  # (n, request_id) of a timed-out request
+        self.abandoned_leases = 0
         super().__init__(endpoint, transport, resend_after_s, ctx)
 
     def __enter__(self) -> ActorReplayClient:
@@ -503,6 +510,7 @@ class ActorReplayClient(_ReplayConnection):
             "acked": self.acked,
             "duplicates": self.duplicates,
             "rejected": len(self.rejected),
+            "abandoned_leases": self.abandoned_leases,
         }
 
     def send_subtree(self, data: bytes, tree_id: str, seq: int, timeout_s: float | None = None) -> None:
@@ -571,19 +579,34 @@ class ActorReplayClient(_ReplayConnection):
     def request_leases(self, n: int, renew: Sequence[str] = (), timeout_s: float = 10.0) -> LeaseGrantMsg:
         """Ask for `n` new trees and keep `renew` alive; re-sent every resend_after_s until answered.
 
-        Granting is not idempotent: a re-sent request may be granted twice; unused leases expire.
+        Idempotent per request_id (see the module docstring): on ReplayTimeout the request stays open
+        and the next call for the same `n` continues it.
         """
+        request_id = None
+        if self._unanswered_lease is not None:
+            open_n, open_id = self._unanswered_lease
+            if open_n == n:
+                request_id = open_id
+            elif open_n > 0:
+                self.abandoned_leases += 1
+            self._unanswered_lease = None
+        request_id = request_id or uuid.uuid4().hex
         message = LeaseRequestMsg(
             req=self._take_req(),
             actor_id=self.actor_id,
             n=n,
             renew=list(renew),
             release_others=self._first_lease_request,
+            request_id=request_id,
         )
+        try:
+            pending = self._request(
+                message, lambda m: isinstance(m, LeaseGrantMsg), f"lease request for {n} tree(s)", timeout_s
+            )
+        except ReplayTimeout:
+            self._unanswered_lease = (n, request_id)
+            raise
         self._first_lease_request = False
-        pending = self._request(
-            message, lambda m: isinstance(m, LeaseGrantMsg), f"lease request for {n} tree(s)", timeout_s
-        )
         assert isinstance(pending.reply, LeaseGrantMsg)
         return pending.reply
 

@@ -106,6 +106,9 @@ class LeaseRequestMsg(_Message):
     # True on a client's first request: a (re)started actor holds no growing trees of its id beyond
     # `renew`, so replay drops the others now instead of when their leases run out.
     release_others: bool = False
+    # Makes the request idempotent: replay answers a request id this actor used before with the trees
+    # it granted the first time (still growing), granting and releasing nothing new. None: not idempotent.
+    request_id: str | None = Field(None, min_length=1, max_length=128)
 
 
 class LeaseGrantMsg(_Message):

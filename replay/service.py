@@ -409,7 +409,11 @@ class ReplayService:
         if isinstance(message, LeaseRequestMsg):
             self.counters.inc("lease_requests")
             decision = self.store.grant_leases(
-                message.actor_id, message.n, message.renew, release_others=message.release_others
+                message.actor_id,
+                message.n,
+                message.renew,
+                release_others=message.release_others,
+                request_id=message.request_id,
             )
             grant = LeaseGrantMsg(
                 req=message.req,

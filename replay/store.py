@@ -13,6 +13,9 @@ Layout (named LMDB databases, big-endian integer keys so that key order is numer
 - `ready`: ready sequence number (u64) -> tree index: completed trees in completion order.
 - `batches`: sample request id -> JSON list of tree indexes (recent ones only), so a learner that
   retries a request whose reply was lost gets the same trees.
+- `leases`: sha256 of (actor id, lease request id) -> JSON {seq, actor, request_id, trees} (recent
+  ones only), so a re-sent lease request (a lost reply, or a copy ZeroMQ delivered after a replay
+  restart) is answered with the trees granted the first time instead of taking more admission slots.
 - `meta`: counters (JSON), persisted in the same transaction as the changes they count, so the
   admission counters after a restart are exactly those before it.
 
@@ -41,6 +44,7 @@ and is held for a transaction's body but not for its commit. Hence the rules:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
@@ -89,7 +93,14 @@ COUNTER_NAMES = (
     "admission_floor",
     "forfeited_samples",
     "released",
+    "lease_retries",
+    "next_lease_seq",
 )
+
+
+def _lease_key(actor_id: str, request_id: str) -> bytes:
+    """A fixed-size LMDB key (ids may be longer than LMDB's 511-byte key limit together)."""
+    return hashlib.sha256(json.dumps([actor_id, request_id]).encode()).digest()
 
 
 class TreeState(StrEnum):
@@ -321,6 +332,7 @@ class TreeStore:
         self.db_trees = self.env.open_db(b"trees")
         self.db_ready = self.env.open_db(b"ready")
         self.db_batches = self.env.open_db(b"batches")
+        self.db_leases = self.env.open_db(b"leases")
         self.db_meta = self.env.open_db(b"meta")
         self._lock = threading.RLock()  # the in-memory state; never held through a commit
         self._writer = threading.Lock()  # one transaction at a time, body and commit
@@ -342,6 +354,7 @@ class TreeStore:
         self.sampleable_pos: dict[int, int] = {}
         self.retired: OrderedDict[int, None] = OrderedDict()
         self.batches: OrderedDict[str, list[int]] = OrderedDict()
+        self.lease_grants: OrderedDict[tuple[str, str], list[int]] = OrderedDict()  # (actor, request id) -> trees
         self.live_bytes = 0
         self.retired_bytes = 0
         now = self.clock()
@@ -375,6 +388,12 @@ class TreeStore:
                 batch_rows.append((entry["seq"], key.decode(), entry["trees"]))
             for _, request_id, trees in sorted(batch_rows):
                 self.batches[request_id] = trees
+            lease_rows = []
+            for _, value in txn.cursor(db=self.db_leases):
+                entry = json.loads(value)
+                lease_rows.append((entry["seq"], entry["actor"], entry["request_id"], entry["trees"]))
+            for _, actor, request_id, trees in sorted(lease_rows):
+                self.lease_grants[actor, request_id] = trees
         self._committed_inserts = self.counters["inserts"]
         self._pending = Counter(i for r in self._reservations.values() for i in r.indexes)
         for index in self._pending:
@@ -700,18 +719,27 @@ class TreeStore:
     # ------------------------------------------------------------------------------ leases
 
     def grant_leases(
-        self, actor_id: str, n: int, renew: Sequence[str] = (), release_others: bool = False
+        self,
+        actor_id: str,
+        n: int,
+        renew: Sequence[str] = (),
+        release_others: bool = False,
+        request_id: str | None = None,
     ) -> LeaseDecision:
         """Admission control: grant up to n new trees, renew the listed growing ones.
 
         `release_others` (an actor's first request after it started): its growing trees not in `renew`
         were abandoned by its previous process, so they are dropped now (counted as `released`).
+        `request_id` makes the grant idempotent: a request id this actor used before gets the
+        trees granted the first time that are still growing, its renewals are applied again, and
+        nothing new is granted or released (counted as `lease_retries`).
         """
 
         def body(txn: lmdb.Transaction) -> LeaseDecision:
             now = self.clock()
             renewed, lost = [], []
-            if release_others:
+            earlier = self.lease_grants.get((actor_id, request_id)) if request_id is not None else None
+            if release_others and earlier is None:
                 keep = set(renew)
                 abandoned = [
                     r
@@ -730,9 +758,15 @@ class TreeStore:
                     renewed.append(tree_id)
                 else:
                     lost.append(tree_id)
+            if earlier is not None:
+                self.counters["lease_retries"] += 1
+                still = [
+                    self.live[i].tree_id for i in earlier if i in self.live and self.live[i].state is TreeState.GROWING
+                ]
+                return LeaseDecision(still, renewed, lost, self.learner_version, "")
             self._evict(txn)
             allowed, reason = self._admissible(n)
-            granted = []
+            granted: list[int] = []
             for _ in range(allowed):
                 index = self.counters["next_tree_index"]
                 self.counters["next_tree_index"] += 1
@@ -748,10 +782,22 @@ class TreeStore:
                 self.live[index] = record
                 self.shapes[index] = {}
                 self._put_record(txn, record)
-                granted.append(record.tree_id)
-            return LeaseDecision(granted, renewed, lost, self.learner_version, reason)
+                granted.append(index)
+            if request_id is not None:
+                self._remember_lease(txn, request_id, actor_id, granted)
+            return LeaseDecision([self.live[i].tree_id for i in granted], renewed, lost, self.learner_version, reason)
 
         return self._transact(body)
+
+    def _remember_lease(self, txn: lmdb.Transaction, request_id: str, actor_id: str, indexes: list[int]) -> None:
+        seq = self.counters["next_lease_seq"]
+        self.counters["next_lease_seq"] += 1
+        entry = {"seq": seq, "actor": actor_id, "request_id": request_id, "trees": indexes}
+        txn.put(_lease_key(actor_id, request_id), json.dumps(entry).encode(), db=self.db_leases)
+        self.lease_grants[actor_id, request_id] = indexes
+        while len(self.lease_grants) > self.config.lease_requests_kept:
+            (old_actor, old_id), _ = self.lease_grants.popitem(last=False)
+            txn.delete(_lease_key(old_actor, old_id), db=self.db_leases)
 
     def _admissible(self, n: int) -> tuple[int, str]:
         """How many of n leases may be granted now, and why not more."""

@@ -565,6 +565,32 @@ def test_lease_request_times_out_and_final_error_raises(servers, clients) -> Non
     assert refused.value.code == ErrorCode.BAD_REQUEST
 
 
+def test_lease_requests_carry_a_request_id_kept_across_copies_and_timeouts(servers, clients) -> None:
+    server = servers(silent)
+    client = actor(clients, server, resend_after_s=0.2)
+    with pytest.raises(ReplayTimeout):
+        client.request_leases(1, timeout_s=0.5)
+    copies = server.of(LeaseRequestMsg)
+    assert len({c.message.request_id for c in copies}) == 1 and copies[0].message.request_id
+    assert all(c.message.release_others for c in copies)
+    server.handler = grant
+    reply = client.request_leases(1, timeout_s=5)  # continues the unanswered request: same id
+    assert len(reply.tree_ids) == 1
+    last = server.of(LeaseRequestMsg)[-1].message
+    assert last.request_id == copies[0].message.request_id and last.release_others
+    client.request_leases(1, timeout_s=5)  # answered before: a new id, and no release any more
+    newest = server.of(LeaseRequestMsg)[-1].message
+    assert newest.request_id != last.request_id and not newest.release_others
+    server.handler = silent
+    with pytest.raises(ReplayTimeout):
+        client.request_leases(2, timeout_s=0.3)
+    unanswered = server.of(LeaseRequestMsg)[-1].message.request_id
+    server.handler = grant
+    client.request_leases(1, timeout_s=5)  # another n: the open request is abandoned, counted
+    assert server.of(LeaseRequestMsg)[-1].message.request_id not in {last.request_id, newest.request_id, unanswered}
+    assert client.counters()["abandoned_leases"] == 1
+
+
 # --------------------------------------------------------------------------------- learner
 
 

@@ -107,11 +107,19 @@ def roles(run: Path) -> dict[str, dict[str, object]]:
     return {r["name"]: r for r in data["roles"]}
 
 
-def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_for(condition, timeout: float, what: str, run: Path | None = None) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}" + (explain(run) if run else "")
         time.sleep(0.5)
+
+
+def explain(run: Path) -> str:
+    """What a failed wait needs for a diagnosis on a CI machine: the roles' states and their logs' tails."""
+    parts = [f"\n--- roles.json\n{json.dumps(roles(run), indent=1)}"]
+    for log in sorted((run / "logs").glob("*.log")):
+        parts.append(f"--- {log.name} (tail)\n{log.read_text(errors='replace')[-2500:]}")
+    return "\n".join(parts)
 
 
 def learner_steps(run: Path) -> list[dict[str, object]]:
@@ -131,7 +139,7 @@ def test_short_run_survives_kill_9_of_every_role_and_reports(tmp_path: Path) -> 
         [*at2po(), *tiny_run_args(tmp_path, 7.0)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        wait_for(lambda: len(learner_steps(run)) >= 2, 360, "two learner steps")
+        wait_for(lambda: len(learner_steps(run)) >= 2, 360, "two learner steps", run)
         for name in ("actor-0", "learner", "replay"):
             before = roles(run)[name]
             os.kill(int(before["pid"]), signal.SIGKILL)
@@ -141,9 +149,12 @@ def test_short_run_survives_kill_9_of_every_role_and_reports(tmp_path: Path) -> 
                 ),
                 60,
                 f"{name} restarted",
+                run,
             )
             steps_now = len(learner_steps(run))
-            wait_for(lambda s=steps_now: len(learner_steps(run)) > s, 180, f"training going on after killing {name}")
+            wait_for(
+                lambda s=steps_now: len(learner_steps(run)) > s, 180, f"training going on after killing {name}", run
+            )
         out, err = process.communicate(timeout=600)
     finally:
         if process.poll() is None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.replay_client import LearnerReplayClient
+from common.replay_client import ActorReplayClient, LearnerReplayClient, ReplayTimeout
 from common.subtree import assemble_tree
 from common.tree import TurnTree
 from replay.store import TreeRecord, TreeState, open_environment
@@ -297,3 +297,32 @@ def test_kill_9_mid_stream_loses_no_acked_subtree_and_stores_none_twice(tmp_path
     assert counters["inserts"] == len(expected)
     assert counters["subtrees_stored"] == total
     assert counters["bad_subtrees"] == 0 and counters["rejected_trees"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_lease_request_sent_while_replay_is_down_is_granted_once(tmp_path: Path) -> None:
+    """ZeroMQ queues the request for the next connection and the client re-sends it on reconnect:
+    the restarted service gets it twice and must grant it once (the request id makes it idempotent)."""
+    store_dir = tmp_path / "store"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    service = start_service(store_dir, endpoint, tmp_path / "replay.log")
+    client = ActorReplayClient(endpoint, "actor-down", resend_after_s=0.5)
+    try:
+        wait_until_serving(endpoint)
+        assert client.request_leases(1, timeout_s=10).tree_ids == ["0"]
+        service.kill()
+        service.wait(timeout=10)
+        with pytest.raises(ReplayTimeout):
+            client.request_leases(1, renew=["0"], timeout_s=2)
+        service = start_service(store_dir, endpoint, tmp_path / "replay.log")
+        grant = client.request_leases(1, renew=["0"], timeout_s=30)
+        assert grant.tree_ids == ["1"] and grant.renewed == ["0"]
+        client.pump(2.0)  # the remaining copies reach the service (and their replies come back late)
+        with LearnerReplayClient(endpoint, request_timeout_s=10) as learner:
+            store = learner.stats()["store"]
+        assert (store["growing"], store["leases_granted"]) == (2, 2), logs(tmp_path)
+        assert store["lease_retries"] >= 1
+    finally:
+        client.close()
+        stop(service)

@@ -845,6 +845,28 @@ def test_expired_growing_trees_are_dropped_counted_and_refused_later(kit: Simple
     assert store.expire_leases() == 0
 
 
+def test_a_repeated_lease_request_id_gets_the_first_grant_even_after_a_restart(kit: SimpleNamespace) -> None:
+    store = kit.open(kit.config(lease_ttl_s=300, trees_per_step=2, max_staleness=1, lease_requests_kept=2))
+    first = store.grant_leases(kit.ACTOR, 2, request_id="r1")
+    assert first.tree_ids == ["0", "1"]
+    again = store.grant_leases(kit.ACTOR, 2, renew=["1"], request_id="r1", release_others=True)
+    # The same trees, no new ones, nothing released although the copy says release_others.
+    assert (again.tree_ids, again.renewed) == (["0", "1"], ["1"])
+    assert (store.stats()["growing"], store.stats()["lease_retries"], store.stats()["released"]) == (2, 1, 0)
+    store = kit.reopen(store)  # a copy ZeroMQ queued while replay was down reaches the restarted one
+    assert store.grant_leases(kit.ACTOR, 2, request_id="r1").tree_ids == ["0", "1"]
+    assert store.stats()["growing"] == 2
+    kit.complete(store, "0")
+    assert store.grant_leases(kit.ACTOR, 2, request_id="r1").tree_ids == ["1"]  # only what still grows
+    # Another actor's request with the same id is its own request.
+    assert store.grant_leases("other", 1, request_id="r1").tree_ids == ["2"]
+    # Only lease_requests_kept grants are remembered: the oldest one (actor's r1) is forgotten.
+    store.grant_leases(kit.ACTOR, 0, request_id="r2")
+    store = kit.reopen(store)
+    assert store.grant_leases(kit.ACTOR, 1, request_id="r1").tree_ids == ["3"]
+    assert store.stats()["leases_granted"] == 4
+
+
 def test_a_restart_extends_the_leases_of_growing_trees(kit: SimpleNamespace) -> None:
     store = kit.open(kit.config(lease_ttl_s=10))
     kit.lease(store, 2)
