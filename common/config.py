@@ -330,7 +330,12 @@ class SftConfig(_Section):
         "ones), so the policy learns to copy names rather than memorise them",
     )
     epochs: int = Field(3, ge=1, description="passes over the demonstrations")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the warm start")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the warm start (the peak, with a schedule)")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="warm-start learning rate over its steps: linear warmup then cosine decay, or constant"
+    )
+    warmup_fraction: float = Field(0.03, ge=0, lt=1, description="cosine: share of the steps spent warming up")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the last step's lr as a fraction of lr")
     micro_batch_tokens: int = Field(8192, ge=1, description="most tokens per forward")
     batch_tokens: int = Field(16384, ge=1, description="tokens per optimizer step")
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="demonstrations kept out to measure loss")

@@ -119,6 +119,11 @@ class TrainEngine:
         self.engine.set_gradient_accumulation_boundary(boundary)
         self.engine.backward(loss)
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next optimizer steps (a schedule is the caller's: the warm start's)."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
     def step(self) -> float:
         """Apply the accumulated gradients; returns the global gradient norm before clipping."""
         self.engine.set_gradient_accumulation_boundary(True)

@@ -15,6 +15,10 @@ Decided here:
   the positions that predict a trained token, and the vocabulary projection runs on those rows only
   (observations dominate a demonstration, so this is most of the output layer's cost saved). Models
   whose logits are more than that projection (soft-capping, a logit scale) take the plain forward.
+- Learning rate: `sft.lr_schedule = "cosine"` warms up linearly over `warmup_fraction` of all steps, then
+  decays along a cosine to `min_lr_ratio` x lr at the last step (every epoch's steps are planned first, so
+  the total is exact); "constant" keeps lr throughout. A constant 2e-3 left the tiny policy wherever its
+  last noisy steps put it (held-out loss 0.43 against a train loss of 0.23).
 - Held-out loss (same token mean, no gradient) is measured before and after training.
 - The result is saved as a Hugging Face model directory with the source directory's tokenizer, chat
   template and generation config (what `at2po actor run --set model.dir=...` and the learner load). It is
@@ -56,10 +60,34 @@ class SftSettings:
     batch_tokens: int = 16384
     seed: int = 0
     log_every: int = 10
+    lr: float = 2e-3
+    lr_schedule: str = "constant"
+    warmup_fraction: float = 0.0
+    min_lr_ratio: float = 0.0
 
     @classmethod
     def from_config(cls, sft: SftConfig) -> SftSettings:
-        return cls(sft.epochs, sft.micro_batch_tokens, sft.batch_tokens, sft.seed)
+        return cls(
+            sft.epochs,
+            sft.micro_batch_tokens,
+            sft.batch_tokens,
+            sft.seed,
+            lr=sft.lr,
+            lr_schedule=sft.lr_schedule,
+            warmup_fraction=sft.warmup_fraction,
+            min_lr_ratio=sft.min_lr_ratio,
+        )
+
+    def lr_at(self, step: int, total: int) -> float:
+        """The learning rate of optimizer step `step` (0-based) of `total`."""
+        if self.lr_schedule == "constant" or total <= 1:
+            return self.lr
+        warmup = int(self.warmup_fraction * total)
+        if step < warmup:
+            return self.lr * (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - 1 - warmup)
+        floor = self.min_lr_ratio * self.lr
+        return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 @dataclass
@@ -190,22 +218,22 @@ def train_steps(
     losses: list[float] = []
     norms: list[float] = []
     engine.train()
-    for _epoch in range(settings.epochs):
-        for step in plan_steps(lengths, settings.batch_tokens, rng):
-            denominator = sum(trained_count(sequences[i]) for i in step)
-            if denominator == 0:
-                continue
-            micros = cut_micro_batches(step, lengths, settings.micro_batch_tokens)
-            step_loss = 0.0
-            for k, micro in enumerate(micros):
-                loss, _ = micro_batch_loss(engine.module, [sequences[i] for i in micro])
-                scaled = loss / denominator
-                engine.backward(scaled * engine.loss_scale, boundary=k == len(micros) - 1)
-                step_loss += float(scaled.detach())
-            norms.append(engine.step())
-            losses.append(step_loss)
-            if on_step is not None:
-                on_step(len(losses), step_loss)
+    planned = [step for _epoch in range(settings.epochs) for step in plan_steps(lengths, settings.batch_tokens, rng)]
+    planned = [step for step in planned if any(trained_count(sequences[i]) for i in step)]
+    for number, step in enumerate(planned):
+        denominator = sum(trained_count(sequences[i]) for i in step)
+        micros = cut_micro_batches(step, lengths, settings.micro_batch_tokens)
+        step_loss = 0.0
+        for k, micro in enumerate(micros):
+            loss, _ = micro_batch_loss(engine.module, [sequences[i] for i in micro])
+            scaled = loss / denominator
+            engine.backward(scaled * engine.loss_scale, boundary=k == len(micros) - 1)
+            step_loss += float(scaled.detach())
+        engine.set_lr(settings.lr_at(number, len(planned)))
+        norms.append(engine.step())
+        losses.append(step_loss)
+        if on_step is not None:
+            on_step(len(losses), step_loss)
     return losses, norms
 
 

@@ -7,7 +7,9 @@ The last tests run the whole warm start (`at2po sft run`) on demonstrations made
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import random
 from pathlib import Path
 
@@ -216,3 +218,32 @@ def test_warm_start_lowers_loss_on_held_out_demonstrations(tmp_path: Path) -> No
     assert summary["train_loss_last"] < summary["train_loss_first"]
     assert Path(summary["demos"]) == tmp_path / "warm-demos.jsonl"
     assert (tmp_path / "warm" / "config.json").is_file() and (tmp_path / "warm" / "tokenizer.json").is_file()
+
+
+def test_the_cosine_schedule_warms_up_peaks_and_decays_to_its_floor() -> None:
+    settings = SftSettings(lr=1e-3, lr_schedule="cosine", warmup_fraction=0.1, min_lr_ratio=0.1)
+    rates = [settings.lr_at(step, 100) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-3 / 11) and rates[9] == pytest.approx(1e-3 * 10 / 11)
+    assert max(rates) == pytest.approx(1e-3) == rates[10]
+    assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
+    assert rates[-1] == pytest.approx(1e-4)
+    assert rates[55] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 45 / 89)))
+    constant = SftSettings(lr=1e-3, lr_schedule="constant", warmup_fraction=0.1)
+    assert {constant.lr_at(step, 100) for step in range(100)} == {1e-3}
+
+
+def test_train_steps_sets_each_steps_learning_rate_on_the_optimizer(policy_dir: Path) -> None:
+    engine = engine_for(policy_dir)
+    applied: list[float] = []
+    optimizer_step = engine.step
+
+    def recording_step() -> float:
+        applied.append(engine.engine.optimizer.param_groups[0]["lr"])
+        return optimizer_step()
+
+    engine.step = recording_step  # type: ignore[method-assign]
+    settings = SftSettings(epochs=2, micro_batch_tokens=2000, batch_tokens=100, lr=2e-3, lr_schedule="cosine")
+    losses, _ = train_steps(engine, sequences(40, seed=3), settings)
+    assert len(applied) == len(losses) > 4
+    assert applied == [pytest.approx(settings.lr_at(i, len(losses))) for i in range(len(losses))]
+    assert applied[-1] == pytest.approx(0.0, abs=1e-12) and applied[0] == pytest.approx(2e-3)
