@@ -12,6 +12,9 @@ Decided interface:
   index is a quarter of the size (78 MB vs 299 MB) and the build peaks at 0.26 GB of memory instead of 1.9 GB.
   Both index the same tokens and use BM25 with k1=1.2, b=0.75 (tantivy's fixed values). Scores are not
   comparable across backends: tantivy multiplies by (k1 + 1) and quantises document lengths.
+  Equal scores rank by corpus row in both, so retrieval is reproducible from build to build (tantivy's
+  indexing threads lay documents out differently each time; one demonstration of 3,000 differed between
+  two warm starts of the same seeds before, and the warm start's held-out EM with it, 15.0 against 13.0).
 - Tokenisation is ours, in Python, shared by both backends and by queries, so the two backends see the same
   terms: lowercase; split on anything that is not a letter or digit (Unicode-aware; `_` splits too); drop
   Lucene's 33 English stop words and tokens over 40 characters; no stemming (bm25s would need PyStemmer,
@@ -262,6 +265,9 @@ def _register_whitespace(index: Any) -> None:
     index.register_tokenizer("at2po_ws", tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.whitespace()).build())
 
 
+_TIE_WINDOW = 16  # extra hits fetched so that ties at the k-th place are broken by row
+
+
 class _TantivySearcher:
     def __init__(self, directory: Path) -> None:
         import tantivy
@@ -278,11 +284,17 @@ class _TantivySearcher:
             (tantivy.Occur.Should, tantivy.Query.term_query(self._schema, "body", term, index_option="freq"))
             for term in terms
         ]
-        hits = self._searcher.search(tantivy.Query.boolean_query(clauses), limit=k, count=False).hits
+        # Equal scores come back in document-address order, which depends on how tantivy's indexing threads
+        # split the corpus into segments: a wider window sorted by (score, row) makes the top k reproducible.
+        hits = self._searcher.search(tantivy.Query.boolean_query(clauses), limit=k + _TIE_WINDOW, count=False).hits
         if not hits:
             return []
         rows = self._searcher.fast_field_values("row", [address for _score, address in hits])
-        return [(int(row), float(score)) for row, (score, _address) in zip(rows, hits, strict=True) if score > 0]
+        ranked = sorted(
+            ((int(row), float(score)) for row, (score, _address) in zip(rows, hits, strict=True) if score > 0),
+            key=lambda hit: (-hit[1], hit[0]),
+        )
+        return ranked[:k]
 
 
 def _import_bm25s() -> Any:
@@ -335,8 +347,9 @@ class _Bm25sSearcher:
             return []
         scores = self._model.get_scores_from_ids(ids)
         k = min(k, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        top = top[np.lexsort((top, -scores[top]))]  # best first; ties by row, so results are deterministic
+        kth_best = np.partition(-scores, k - 1)[k - 1]
+        top = np.flatnonzero(-scores <= kth_best)  # every row tied with the k-th too, so the cut is by row
+        top = top[np.lexsort((top, -scores[top]))][:k]  # best first; ties by row, so results are deterministic
         return [(int(row), float(scores[row])) for row in top if scores[row] > 0]
 
 
