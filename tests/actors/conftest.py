@@ -4,18 +4,14 @@
 `TinyModelSpec` (Qwen2, hidden 128, 2 layers, 4 heads, head_dim 32) with a tokenizer trained on a small sample
 of the synthetic world's texts. `tiny_training_texts` is that sample, for tests that re-run the init.
 `no_network` makes any socket connection fail, to prove a code path never reaches the network.
-`fakes` is the fakes.py module (scripted backend, codec, env), loaded by path under `--import-mode=importlib`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -53,15 +49,3 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     yield
-
-
-@pytest.fixture(scope="session")
-def fakes() -> ModuleType:
-    name = "tests_actors_fakes"  # the name test_builders and test_scheduler load it under
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fakes.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]

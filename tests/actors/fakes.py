@@ -1,7 +1,6 @@
 """Test doubles for the actors: a character-level codec, a scripted seeded backend and a search tool.
 
-Tests run with `--import-mode=importlib`, so test modules load this file by path (`load_fakes`
-in each test module) rather than importing it as a package.
+Test modules import it as `from tests.actors import fakes` (as other test helpers, e.g. tests.support).
 
 - `FakeCodec`: one token per character (id = code point); the prompt is the messages rendered as
   `<|role|>content\\n` lines followed by `<|assistant|>`.

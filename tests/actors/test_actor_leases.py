@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from actors.actor import Actor
 from common.config import build_config
 from common.replay_client import ReplayTimeout
 from common.wire import LeaseGrantMsg
+from tests.actors import fakes
 
 
 class AwayReplay:
@@ -29,13 +29,13 @@ class AwayReplay:
         return LeaseGrantMsg(req=1, tree_ids=[], learner_version=4, lease_ttl_s=60.0, reason="full")
 
 
-def make_actor(tmp_path: Path, fakes: ModuleType) -> Actor:
+def make_actor(tmp_path: Path) -> Actor:
     config = build_config({"logging": {"metrics_path": str(tmp_path / "actor.jsonl")}, "tree": {"builder": "chain"}})
     return Actor(config, fakes.FakeBackend(), fakes.FakeCodec(), fakes.VOCAB_SIZE, fakes.make_env(), [fakes.TASK])
 
 
-def test_a_worker_survives_lease_timeouts_and_asks_again(tmp_path: Path, fakes: ModuleType) -> None:
-    actor = make_actor(tmp_path, fakes)
+def test_a_worker_survives_lease_timeouts_and_asks_again(tmp_path: Path) -> None:
+    actor = make_actor(tmp_path)
     link = AwayReplay(actor, away=3)
     asyncio.run(actor._worker(link, scheduler=None))  # type: ignore[arg-type]
     assert len(link.calls) == 4  # three timeouts, then the answer
@@ -45,8 +45,8 @@ def test_a_worker_survives_lease_timeouts_and_asks_again(tmp_path: Path, fakes: 
     actor.metrics.close()
 
 
-def test_renewals_survive_a_lease_timeout(tmp_path: Path, fakes: ModuleType) -> None:
-    actor = make_actor(tmp_path, fakes)
+def test_renewals_survive_a_lease_timeout(tmp_path: Path) -> None:
+    actor = make_actor(tmp_path)
     actor.config.replay.lease_ttl_s = 3.0  # renew every second
     actor._growing.add("7")
     link = AwayReplay(actor, away=1)

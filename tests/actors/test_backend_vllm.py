@@ -98,18 +98,12 @@ def test_weight_swap_changes_outputs_and_versions(
 def test_an_at2po_tree_grows_on_vllm_with_exact_tokens(backend: VllmBackend, tiny_model_dir: Path) -> None:
     """The same builder code as on CPU: prefix-sharing siblings, token-exact paths, valid tree."""
     import asyncio
-    import importlib.util
-    import sys
 
     from actors.builders.at2po import At2poBuilder, At2poConfig
     from actors.builders.common import Budget, TreeJob
     from actors.scheduler import GenerationScheduler
+    from tests.actors import fakes
 
-    spec = importlib.util.spec_from_file_location("at2po_test_fakes", Path(__file__).with_name("fakes.py"))
-    assert spec is not None and spec.loader is not None
-    fakes = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = fakes
-    spec.loader.exec_module(fakes)
     codec = ChatCodec.from_dir(tiny_model_dir)
     recording = fakes.RecordingBackend(backend)
     sampling = SamplingParams(temperature=1.0)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.util
 import math
 import random
-import sys
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -40,20 +37,8 @@ from actors.scheduler import GenerationScheduler
 from actors.tree_recorder import ROOT_ID, TreeRecorder, topk_entropy_sum
 from common.subtree import SubtreeHeader, assemble_tree, encode_subtree
 from common.tree import FinishReason, TurnTree
+from tests.actors import fakes
 
-
-def load_fakes() -> ModuleType:
-    name = "tests_actors_fakes"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fakes.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fakes = load_fakes()
 CODEC = fakes.FakeCodec()
 SAMPLING = SamplingParams()
 

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 import threading
 from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -16,20 +12,8 @@ import pytest
 
 from actors.generation import Generation, GenerationRequest, SamplingParams
 from actors.scheduler import GenerationScheduler, SchedulerClosedError
+from tests.actors import fakes
 
-
-def load_fakes() -> ModuleType:
-    name = "tests_actors_fakes"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fakes.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fakes = load_fakes()
 SAMPLING = SamplingParams()
 
 
