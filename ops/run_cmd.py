@@ -28,6 +28,7 @@ from ops.replay_cmd import ConfigOption, SetOption, load_or_exit
 # 0.43 -> 0.23 and warm-start EM on world 3 14.5 -> 27.0. From that warm start RL samples at the papers'
 # temperature 1.0 (the config default): +8.5 EM in about 5.5 minutes of RL against +5.5 at 0.6, whose trees more
 # often had every leaf alike (4.8 of 8 trees a step skipped for zero advantage against 4.0).
+# (Those figures are from the 2026-12-04 install; README gives the 2026-12-06 fresh install's, lower ones.)
 # A --config file replaces these; --set still overrides either.
 EMBEDDED_OVERRIDES = (
     "tree.max_new_tokens=96",

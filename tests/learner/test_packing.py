@@ -272,7 +272,17 @@ def test_packed_loss_and_gradients_equal_per_path(
     assert float(loss_p) != 0.0
     assert any(float(g.abs().max()) > 0 for g in grads_p)
     for (name, _), gp, gr in zip(model.named_parameters(), grads_p, grads_r, strict=True):
-        torch.testing.assert_close(gp, gr, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        assert_grads_close(gp, gr, name)
+
+
+def grad_atol(expected: torch.Tensor) -> float:
+    """Float32 sums in another order differ by about 1e-6 of the gradient's scale (2e-6 of 1.9 seen on one
+    install in an embedding row many tokens share); a wrong weighting differs by 10-40% of it."""
+    return max(1e-6, 1e-5 * float(expected.abs().max()))
+
+
+def assert_grads_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=grad_atol(expected), msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_gradient_check_can_fail(model: Qwen2ForCausalLM) -> None:
@@ -291,7 +301,7 @@ def test_gradient_check_can_fail(model: Qwen2ForCausalLM) -> None:
     zeros = torch.zeros(packed.num_tokens)
     _, grads_w, _ = _loss_and_grads(model, wrong, "ppo", zeros, zeros)
     _, grads_r, _ = _loss_and_grads(model, ref, "ppo", zeros[gather], zeros[gather])
-    assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads_w, grads_r, strict=True))
+    assert any(not torch.allclose(a, b, rtol=1e-4, atol=grad_atol(b)) for a, b in zip(grads_w, grads_r, strict=True))
 
 
 def test_segments_are_trees_or_paths_and_padding_changes_nothing(model: Qwen2ForCausalLM) -> None:
@@ -332,7 +342,7 @@ def test_segmented_packing_keeps_loss_and_gradients(
     assert metrics["clip_fraction"] > 0.0 and metrics["is_masked_fraction"] > 0.0, metrics
     torch.testing.assert_close(loss_s, loss_r, rtol=1e-5, atol=1e-7)
     for (name, _), gs, gr in zip(model.named_parameters(), grads_s, grads_r, strict=True):
-        torch.testing.assert_close(gs, gr, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        assert_grads_close(gs, gr, name)
 
 
 def test_tree_segments_cover_every_leaf_once_within_budget() -> None:

@@ -23,7 +23,7 @@ from learner import tree_attention
 from learner.logprobs import token_logprobs, token_logprobs_and_entropy
 from learner.packing import pack_trees, per_path_batch, per_path_gather, unique_tokens
 from learner.tree_attention import build_tree_plan, runs_and_contexts, supports_tree_attention
-from tests.learner.test_packing import _loss_and_grads, _token_delta, make_batch, path_layouts
+from tests.learner.test_packing import _loss_and_grads, _token_delta, assert_grads_close, make_batch, path_layouts
 from tests.learner.trees import VOCAB
 
 
@@ -172,7 +172,7 @@ def test_tree_loss_and_gradients_equal_per_path(model: PreTrainedModel, method: 
     torch.testing.assert_close(loss_t, loss_r, rtol=1e-4, atol=1e-6)
     assert any(float(g.abs().max()) > 0 for g in grads_t)
     for (name, _), gt, gr in zip(model.named_parameters(), grads_t, grads_r, strict=True):
-        torch.testing.assert_close(gt, gr, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        assert_grads_close(gt, gr, name)
 
 
 # ------------------------------------------------------------------------------------------- support
