@@ -41,8 +41,9 @@ Delivery rules (decided here):
   queued while replay was down and delivered to the restarted one) never takes more admission
   slots. A lease request that times out unanswered stays open: the next request for the same `n`
   re-uses its request_id (and so gets the trees replay may have granted meanwhile); a request for
-  another `n` abandons it (counted in `abandoned_leases`; what replay granted to it expires with
-  its TTL). `release_others` stays on until a grant has been received.
+  another `n` > 0 abandons it (counted in `abandoned_leases`; what replay granted to it expires with
+  its TTL), a renewal alone (`n` = 0) leaves it open. `release_others` stays on until a grant has
+  been received.
 - **Counters** (`counters()`): `sent`, `resent`, `bad_replies`, `late_replies`, `reconnects`,
   `send_blocked` (ZeroMQ queue full, left to the timer); the actor adds `acked` (subtrees that left
   the window by an ack), `duplicates` (acks flagged duplicate, matched or late: redundant copies),
@@ -583,12 +584,12 @@ class ActorReplayClient(_ReplayConnection):
         and the next call for the same `n` continues it.
         """
         request_id = None
-        if self._unanswered_lease is not None:
-            open_n, open_id = self._unanswered_lease
-            if open_n == n:
-                request_id = open_id
-            elif open_n > 0:
-                self.abandoned_leases += 1
+        unanswered = self._unanswered_lease
+        if unanswered is not None and unanswered[0] == n:
+            request_id = unanswered[1]
+            self._unanswered_lease = None
+        elif unanswered is not None and n > 0:  # a renewal alone (n = 0) leaves a request for trees open
+            self.abandoned_leases += int(unanswered[0] > 0)
             self._unanswered_lease = None
         request_id = request_id or uuid.uuid4().hex
         message = LeaseRequestMsg(

@@ -586,6 +586,16 @@ def test_lease_requests_carry_a_request_id_kept_across_copies_and_timeouts(serve
         client.request_leases(2, timeout_s=0.3)
     unanswered = server.of(LeaseRequestMsg)[-1].message.request_id
     server.handler = grant
+    client.request_leases(0, renew=["t"], timeout_s=5)  # a renewal alone leaves the request for trees open
+    assert server.of(LeaseRequestMsg)[-1].message.request_id != unanswered
+    client.request_leases(2, timeout_s=5)
+    assert server.of(LeaseRequestMsg)[-1].message.request_id == unanswered
+    assert client.counters()["abandoned_leases"] == 0
+    server.handler = silent
+    with pytest.raises(ReplayTimeout):
+        client.request_leases(2, timeout_s=0.3)
+    unanswered = server.of(LeaseRequestMsg)[-1].message.request_id
+    server.handler = grant
     client.request_leases(1, timeout_s=5)  # another n: the open request is abandoned, counted
     assert server.of(LeaseRequestMsg)[-1].message.request_id not in {last.request_id, newest.request_id, unanswered}
     assert client.counters()["abandoned_leases"] == 1
