@@ -259,12 +259,10 @@ class Actor:
             if limit is not None:
                 wanted = min(wanted, limit - self._trees_started)
             grant = await self._ask_leases(link, wanted)
-            if grant is not None:
-                self._learner_version = max(self._learner_version, grant.learner_version)
+            if grant is not None and not grant.tree_ids:
+                self.counters.inc("leases_refused")
+                log.debug("leases_refused", reason=grant.reason)
             if grant is None or not grant.tree_ids:
-                if grant is not None:
-                    self.counters.inc("leases_refused")
-                    log.debug("leases_refused", reason=grant.reason)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), timeout=backoff_s)
                 backoff_s = min(2.0, backoff_s * 2)
@@ -353,21 +351,21 @@ class Actor:
                 await asyncio.wait_for(self.stopping.wait(), timeout=interval)
             if self._growing and not self.stopping.is_set():
                 grant = await self._ask_leases(link, 0, renew=sorted(self._growing))
-                if grant is None:
-                    continue
-                self._learner_version = max(self._learner_version, grant.learner_version)
-                if grant.lost:
+                if grant is not None and grant.lost:
                     self.counters.inc("leases_lost", len(grant.lost))
                     log.warning("leases_lost", trees=grant.lost)
 
     async def _ask_leases(self, link: ReplayLink, n: int, renew: Sequence[str] = ()) -> LeaseGrantMsg | None:
-        """A lease grant, or None when replay did not answer in time (counted; the caller asks again)."""
+        """A lease grant (its learner version noted), or None when replay did not answer in time (counted; the
+        caller asks again)."""
         try:
-            return await link.leases(n, renew=renew)
+            grant = await link.leases(n, renew=renew)
         except ReplayTimeout as error:
             self.counters.inc("lease_timeouts")
             log.warning("lease_request_timed_out", n=n, renew=len(renew), error=str(error))
             return None
+        self._learner_version = max(self._learner_version, grant.learner_version)
+        return grant
 
     async def _report(self, link: ReplayLink, scheduler: GenerationScheduler, interval_s: float = 10.0) -> None:
         while not self.stopping.is_set():
