@@ -54,6 +54,11 @@ class TransportConfig(_Section):
     )
     client_secret_key: str | None = Field(None, description="CurveZMQ secret key file of a client")
     authorized_keys_dir: str | None = Field(None, description="directory of client public key files a service accepts")
+    sample_by_reference: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="learner samples name LMDB keys it reads from replay's store itself instead of carrying the "
+        "bytes; auto = when replay_endpoint is loopback or ipc (falls back to bytes if the store cannot be opened)",
+    )
 
 
 class ReplayConfig(_Section):
@@ -87,6 +92,9 @@ class ReplayConfig(_Section):
     )
     lease_requests_kept: int = Field(
         1024, ge=1, description="recent lease grants remembered so a re-sent lease request gets the same trees"
+    )
+    reference_hold_s: float = Field(
+        30.0, gt=0, description="a tree sampled by reference is not evicted for this long (its keys stay readable)"
     )
     seed: int = Field(0, description="seed of the uniform sampler")
 

@@ -44,10 +44,18 @@ Delivery rules (decided here):
   another `n` > 0 abandons it (counted in `abandoned_leases`; what replay granted to it expires with
   its TTL), a renewal alone (`n` = 0) leaves it open. `release_others` stays on until a grant has
   been received.
+- **Samples by reference.** With `by_reference` (default from `transport.sample_by_reference`:
+  "auto" = when the endpoint is loopback or ipc, i.e. replay is on this host) a sample request asks
+  for keys instead of bytes, and the client reads the trees from replay's LMDB store itself
+  (`common.store_reader`); the trees it returns are the same bytes. If they cannot be read there,
+  the same request id is asked again by value (replay hands out the same trees), counted in
+  `reference_fallbacks`; after a failure that says the store is not usable from this process
+  (another host, another store) the client asks by value from then on.
 - **Counters** (`counters()`): `sent`, `resent`, `bad_replies`, `late_replies`, `reconnects`,
   `send_blocked` (ZeroMQ queue full, left to the timer); the actor adds `acked` (subtrees that left
   the window by an ack), `duplicates` (acks flagged duplicate, matched or late: redundant copies),
-  `unacked`, `rejected` and `abandoned_leases`; the learner adds `abandoned_samples`.
+  `unacked`, `rejected` and `abandoned_leases`; the learner adds `abandoned_samples`,
+  `samples_by_reference` and `reference_fallbacks`.
 - Every wait uses `zmq.Poller` with a timeout bounded by the next due resend; nothing spins.
 
 Not thread-safe (ZeroMQ sockets are not): use one client per thread. `close()` drops whatever is
@@ -70,6 +78,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from common.config import TransportConfig
 from common.log import get_logger
+from common.store_reader import StoreReader, StoreReferenceError
 from common.subtree import META_SEQ, META_TREE_ID, assemble_tree
 from common.transport import connect_client_socket
 from common.tree import TurnTree
@@ -657,6 +666,20 @@ class _OpenSample:
     pending: _Pending
 
 
+_LOCAL_PREFIXES = ("ipc://", "inproc://", "tcp://127.", "tcp://localhost:", "tcp://[::1]:")
+
+
+def replay_is_local(endpoint: str) -> bool:
+    """Whether an endpoint can only reach a replay on this host (loopback TCP, ipc)."""
+    return endpoint.startswith(_LOCAL_PREFIXES)
+
+
+def resolve_by_reference(endpoint: str, transport: TransportConfig) -> bool:
+    """`transport.sample_by_reference` for this endpoint: on, off, or auto (= replay on this host)."""
+    setting = transport.sample_by_reference
+    return setting == "on" or (setting == "auto" and replay_is_local(endpoint))
+
+
 class LearnerReplayClient(_ReplayConnection):
     """The learner's link to replay: sampling completed trees, reporting its version, stats."""
 
@@ -668,13 +691,18 @@ class LearnerReplayClient(_ReplayConnection):
         request_timeout_s: float = 5.0,
         resend_after_s: float = 2.0,
         ctx: zmq.Context | None = None,
+        by_reference: bool | None = None,
     ) -> None:
         if not request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
         self.request_timeout_s = float(request_timeout_s)
         self._open_sample: _OpenSample | None = None
         self.abandoned_samples = 0
+        self.samples_by_reference = 0
+        self.reference_fallbacks = 0
+        self._store_reader = StoreReader()
         super().__init__(endpoint, transport, resend_after_s, ctx)
+        self.by_reference = resolve_by_reference(endpoint, self.transport) if by_reference is None else by_reference
 
     def __enter__(self) -> LearnerReplayClient:
         return self
@@ -683,7 +711,16 @@ class LearnerReplayClient(_ReplayConnection):
         self.close()
 
     def counters(self) -> dict[str, int]:
-        return {**super().counters(), "abandoned_samples": self.abandoned_samples}
+        return {
+            **super().counters(),
+            "abandoned_samples": self.abandoned_samples,
+            "samples_by_reference": self.samples_by_reference,
+            "reference_fallbacks": self.reference_fallbacks,
+        }
+
+    def close(self) -> None:
+        self._store_reader.close()
+        super().close()
 
     def try_sample(
         self, n: int, learner_version: int, timeout_s: float | None = None
@@ -698,33 +735,60 @@ class LearnerReplayClient(_ReplayConnection):
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
         if not timeout > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout}")
+        deadline = time.monotonic() + timeout
         open_sample = self._open_sample
         if open_sample is not None and (open_sample.n, open_sample.learner_version) != (n, learner_version):
             self._abandon_open_sample()
             open_sample = None
         if open_sample is None:
-            request_id = uuid.uuid4().hex
-            message = SampleRequestMsg(
-                req=self._take_req(), request_id=request_id, n=n, learner_version=learner_version
-            )
-
-            def accepts(m: WireMessage, request_id: str = request_id) -> bool:
-                return isinstance(m, SampleReplyMsg) and m.request_id == request_id
-
-            pending = self._start_request(message, accepts, f"sample request {request_id} ({n} tree(s))")
-            open_sample = _OpenSample(request_id, n, learner_version, pending)
-            self._open_sample = open_sample
+            open_sample = self._open(uuid.uuid4().hex, n, learner_version, self.by_reference)
+        reply, blobs = self._await_open(open_sample, timeout)
+        if reply.store is None:
+            return reply, self._split_trees(reply, blobs)
         try:
-            self._await(open_sample.pending, timeout)
+            messages = self._store_reader.read(reply.store, reply.trees)
+        except StoreReferenceError as error:
+            self.reference_fallbacks += 1
+            if error.permanent:
+                self.by_reference = False
+            _log.warning(
+                "sample by reference unreadable here; asking for the same trees by value",
+                request_id=reply.request_id,
+                error=str(error),
+                by_reference_from_now=self.by_reference,
+            )
+            again = self._open(reply.request_id, n, learner_version, by_reference=False)
+            reply, blobs = self._await_open(again, max(deadline - time.monotonic(), 1e-3))
+            return reply, self._split_trees(reply, blobs)
+        self.samples_by_reference += 1
+        return reply, [SampledTree(info, tree) for info, tree in zip(reply.trees, messages, strict=True)]
+
+    def _open(self, request_id: str, n: int, learner_version: int, by_reference: bool) -> _OpenSample:
+        """Send a sample request and make it the open one."""
+        message = SampleRequestMsg(
+            req=self._take_req(), request_id=request_id, n=n, learner_version=learner_version, by_reference=by_reference
+        )
+
+        def accepts(m: WireMessage, request_id: str = request_id) -> bool:
+            return isinstance(m, SampleReplyMsg) and m.request_id == request_id
+
+        pending = self._start_request(message, accepts, f"sample request {request_id} ({n} tree(s))")
+        self._open_sample = _OpenSample(request_id, n, learner_version, pending)
+        return self._open_sample
+
+    def _await_open(self, open_sample: _OpenSample, timeout_s: float) -> tuple[SampleReplyMsg, list[memoryview]]:
+        """The open request's reply; on ReplayTimeout it stays open (a later call continues it)."""
+        try:
+            self._await(open_sample.pending, timeout_s)
         except ReplayTimeout:
-            raise  # stays open: a later call with the same arguments keeps its request_id
+            raise
         except BaseException:
             self._drop_open_sample()
             raise
         self._drop_open_sample()
         reply = open_sample.pending.reply
         assert isinstance(reply, SampleReplyMsg)
-        return reply, self._split_trees(reply, open_sample.pending.blobs)
+        return reply, open_sample.pending.blobs
 
     def sample(
         self,

@@ -9,6 +9,11 @@ in front of these; `split_routed` removes it.
   requests and drop late ones.
 - Blob counts are part of the contract: a subtree and a weights chunk have exactly one blob, a
   sample reply one blob per stored message of each tree it lists, everything else none.
+- A sample by reference (`SampleRequestMsg.by_reference`, for a learner on the replay's host) is
+  answered with no blobs: the reply names the store (`StoreReference`: its LMDB directory, the id
+  written into it at creation, the named database) and each tree's subtree keys in seq order (hex),
+  and the learner reads the bytes from the LMDB map itself (`common.store_reader`). Replay keeps a
+  tree handed out this way from eviction for `replay.reference_hold_s`, so the keys stay readable.
 - A message larger than `max_message_bytes` (all frames together) is refused before it is parsed.
 
 Errors are typed (`WireError` with an `ErrorCode`), so a service can reply with the code and count it.
@@ -21,7 +26,7 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
@@ -133,6 +138,20 @@ class SampleRequestMsg(_Message):
     request_id: str = Field(min_length=1, max_length=128)
     n: int = Field(ge=1, le=MAX_IDS_PER_REQUEST)
     learner_version: int = Field(ge=0)
+    by_reference: bool = False
+
+
+MAX_KEY_HEX = 256  # a subtree key as hex: replay's keys are 16 bytes
+
+
+class StoreReference(BaseModel):
+    """Where a sample by reference lies: the replay store's LMDB directory on the replay's host."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(min_length=1, max_length=4096)
+    store_id: str = Field(min_length=1, max_length=128)
+    db: str = Field(min_length=1, max_length=64)
 
 
 class SampledTreeInfo(BaseModel):
@@ -146,16 +165,27 @@ class SampledTreeInfo(BaseModel):
     max_version: int | None
     staleness: int | None
     times_sampled: int
+    keys: list[Annotated[str, Field(min_length=1, max_length=MAX_KEY_HEX, pattern="^[0-9a-f]+$")]] | None = None
 
 
 class SampleReplyMsg(_Message):
-    """Replay -> learner: either `ready` with trees (blobs in order), or not ready with the reason."""
+    """Replay -> learner: either `ready` with trees (blobs in order, or keys into `store`), or not ready."""
 
     kind: Literal[Kind.SAMPLE_REPLY] = Kind.SAMPLE_REPLY
     request_id: str
     ready: bool
     reason: str = ""
     trees: list[SampledTreeInfo] = Field(default_factory=list)
+    store: StoreReference | None = None
+
+    @model_validator(mode="after")
+    def _keys_match_store(self) -> SampleReplyMsg:
+        for tree in self.trees:
+            if (tree.keys is None) != (self.store is None):
+                raise ValueError("a reply by reference gives every tree's keys and the store; by value, neither")
+            if tree.keys is not None and len(tree.keys) != tree.n_messages:
+                raise ValueError(f"tree {tree.tree_id}: {len(tree.keys)} keys for {tree.n_messages} messages")
+        return self
 
 
 class VersionMsg(_Message):
@@ -248,7 +278,7 @@ def _expected_blobs(message: _Message) -> int:
     if isinstance(message, SubtreeMsg | WeightsChunkMsg):
         return 1
     if isinstance(message, SampleReplyMsg):
-        return sum(tree.n_messages for tree in message.trees)
+        return 0 if message.store is not None else sum(tree.n_messages for tree in message.trees)
     return 0
 
 

@@ -7,11 +7,14 @@ measured in the same run, because absolute times on a shared machine mean little
 - `ingest_mb_s`: the same bytes streamed by 2 client processes through the replay service, counted
   when acked (acks come only after the commit that holds the message);
 - `sample_p50_ms` / `sample_p99_ms`: a learner process sampling a batch of completed trees every
-  `sample_interval_s` (a fast learner) while the ingest runs; request to last byte received.
-  `sample_idle_p50_ms` is the same request with no ingest running (its baseline: the cost of
-  moving `sample_reply_mb` through the store and the socket);
-- `socket_floor_p50_ms` / `socket_floor_p99_ms`: right after each sample, the same frames from a
-  bare ZeroMQ ROUTER that answers from memory (`ops.bench_floor`), under the same ingest: what
+  `sample_interval_s` (a fast learner) while the ingest runs, the way the learner does on replay's
+  host: by reference (`transport.sample_by_reference`), request to every byte copied out of the map
+  into the learner's memory. `sample_by_value_p50_ms` / `_p99_ms`: right after each, the same batch
+  size with the bytes carried in the reply (a learner on another host), request to last byte
+  received; `reference_vs_value_p99` their ratio. `*_idle_p50_ms` are the same with no ingest
+  running;
+- `socket_floor_p50_ms` / `socket_floor_p99_ms`: right after those, the by-value reply's frames from
+  a bare ZeroMQ ROUTER that answers from memory (`ops.bench_floor`), under the same ingest: what
   moving those bytes between two processes costs with no store at all (`socket_floor_idle_p50_ms`
   without ingest). `sample_p50_ms_per_tree` is the sample p50 over the trees in a batch.
 """
@@ -23,7 +26,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -123,40 +126,62 @@ def _client_main(config: RunConfig, actor_id: str, settings: BenchSettings, n_tr
         conn.send(("done", elapsed, client.acked, client.resent, len(client.rejected)))
 
 
+@dataclass
+class SamplerTimes:
+    """What the sampler process measured (milliseconds), idle and under ingest."""
+
+    by_reference: list[float] = field(default_factory=list)
+    by_value: list[float] = field(default_factory=list)
+    floor: list[float] = field(default_factory=list)
+    reply_bytes: list[int] = field(default_factory=list)
+    idle_by_reference: list[float] = field(default_factory=list)
+    idle_by_value: list[float] = field(default_factory=list)
+    idle_floor: list[float] = field(default_factory=list)
+    fallbacks: int = 0
+
+
+def _timed_sample(client: Any, n: int) -> tuple[float | None, int]:
+    """One sample of n trees: milliseconds from request to every byte in this process, and the bytes."""
+    start = time.perf_counter()
+    reply, trees = client.try_sample(n, learner_version=0)
+    elapsed = (time.perf_counter() - start) * 1000
+    return (elapsed if reply.ready else None), sum(len(m) for t in trees for m in t.messages)
+
+
 def _sampler_main(config: RunConfig, settings: BenchSettings, echo_endpoint: str, conn: Connection) -> None:
-    """Sample, then move the same bytes through the bare echo (the socket floor), each cycle."""
+    """Each cycle: a sample by reference, the same size by value, then those bytes through the bare echo."""
     from common.replay_client import LearnerReplayClient
 
-    latencies: list[float] = []
-    reply_bytes: list[int] = []
-    idle: list[float] = []
-    floor: list[float] = []
-    idle_floor: list[float] = []
-    shape = (1, 1)
+    times = SamplerTimes()
     bare = BareTransfer(echo_endpoint)
+    endpoint = config.transport.replay_endpoint
     try:
-        with LearnerReplayClient(config.transport.replay_endpoint, config.transport) as client:
+        with (
+            LearnerReplayClient(endpoint, config.transport, by_reference=True) as local,
+            LearnerReplayClient(endpoint, config.transport, by_reference=False) as remote,
+        ):
+
+            def cycle(by_reference: list[float], by_value: list[float], floor: list[float]) -> None:
+                ref_ms, _ = _timed_sample(local, settings.sample_trees)
+                value_ms, nbytes = _timed_sample(remote, settings.sample_trees)
+                if ref_ms is None or value_ms is None:
+                    return
+                by_reference.append(ref_ms)
+                by_value.append(value_ms)
+                times.reply_bytes.append(nbytes)
+                frames = settings.sample_trees * settings.messages_per_tree
+                floor.append(bare.time_ms(frames, nbytes // frames))
+
             for _ in range(IDLE_SAMPLES):
-                start = time.perf_counter()
-                reply, trees = client.try_sample(settings.sample_trees, learner_version=0)
-                if reply.ready:
-                    idle.append((time.perf_counter() - start) * 1000)
-                    sizes = [len(m) for t in trees for m in t.messages]
-                    shape = (len(sizes), sum(sizes) // len(sizes))
-                    idle_floor.append(bare.time_ms(*shape))
+                cycle(times.idle_by_reference, times.idle_by_value, times.idle_floor)
             conn.send("ready")
             conn.recv()
             while not conn.poll(settings.sample_interval_s):
-                start = time.perf_counter()
-                reply, trees = client.try_sample(settings.sample_trees, learner_version=0)
-                if reply.ready:
-                    latencies.append((time.perf_counter() - start) * 1000)
-                    reply_bytes.append(sum(len(m) for t in trees for m in t.messages))
-                    del trees
-                    floor.append(bare.time_ms(*shape))
+                cycle(times.by_reference, times.by_value, times.floor)
+            times.fallbacks = local.reference_fallbacks
     finally:
         bare.close()
-    conn.send((latencies, reply_bytes, idle, floor, idle_floor))
+    conn.send(times)
 
 
 def _server_main(config: RunConfig) -> None:
@@ -247,24 +272,30 @@ def run_replay_bench(settings: BenchSettings, work_dir: Path | None = None) -> d
         results = [_expect(pipe, "done", 600) for pipe in client_pipes]
         wall = time.perf_counter() - start
         sampler_pipe.send("stop")
-        latencies, reply_bytes, idle, floor, idle_floor = sampler_pipe.recv()
+        times: SamplerTimes = sampler_pipe.recv()
         acked = sum(r[2] for r in results)
         ingest = ingest_bytes / wall / 1e6
-        lat = np.array(latencies) if latencies else np.array([float("nan")])
+        p50, p99 = _percentile(times.by_reference, 50), _percentile(times.by_reference, 99)
+        value_p99 = _percentile(times.by_value, 99)
         return {
             "ingest_mb_s": round(ingest, 1),
             "raw_lmdb_mb_s": round(raw, 1),
             "ingest_vs_raw": round(ingest / raw, 3),
-            "sample_p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "sample_p99_ms": round(float(np.percentile(lat, 99)), 2),
-            "samples": len(latencies),
-            "sample_idle_p50_ms": round(float(np.percentile(idle, 50)), 2) if idle else None,
-            "socket_floor_p50_ms": _percentile(floor, 50),
-            "socket_floor_p99_ms": _percentile(floor, 99),
-            "socket_floor_idle_p50_ms": _percentile(idle_floor, 50),
-            "sample_p50_ms_per_tree": round(float(np.percentile(lat, 50)) / settings.sample_trees, 3),
+            "sample_p50_ms": p50,
+            "sample_p99_ms": p99,
+            "samples": len(times.by_reference),
+            "sample_idle_p50_ms": _percentile(times.idle_by_reference, 50),
+            "sample_by_value_p50_ms": _percentile(times.by_value, 50),
+            "sample_by_value_p99_ms": value_p99,
+            "sample_by_value_idle_p50_ms": _percentile(times.idle_by_value, 50),
+            "reference_vs_value_p99": round(p99 / value_p99, 3) if p99 and value_p99 else None,
+            "reference_fallbacks": times.fallbacks,
+            "socket_floor_p50_ms": _percentile(times.floor, 50),
+            "socket_floor_p99_ms": _percentile(times.floor, 99),
+            "socket_floor_idle_p50_ms": _percentile(times.idle_floor, 50),
+            "sample_p50_ms_per_tree": round(p50 / settings.sample_trees, 3) if p50 is not None else None,
             "sample_batch_trees": settings.sample_trees,
-            "sample_reply_mb": round(float(np.mean(reply_bytes)) / 1e6, 2) if reply_bytes else None,
+            "sample_reply_mb": round(float(np.mean(times.reply_bytes)) / 1e6, 2) if times.reply_bytes else None,
             "clients": settings.clients,
             "messages_acked": acked,
             "message_kb": round(len(tree_messages[0]) / 1024, 1),

@@ -20,10 +20,11 @@ commit, and the byte bound keeps that commit's fsync short. While a sample reque
 answered the IO thread receives and forwards but validates nothing (for at most
 SAMPLE_PRIORITY_MAX_S), so the sampler thread does not queue for the GIL behind validation. A
 sample's messages go out as zero-copy frames over LMDB's own pages, or pooled copies
-(`replay.reply_buffers`, owned by the sampler thread). Replies travel back over an inproc socket,
-and an ack is sent only after the commit that holds its subtree. Nothing a peer sends can stop any
-thread: every bad message gets an error reply (or is dropped when even the sender cannot be told)
-and is counted by its error code.
+(`replay.reply_buffers`, owned by the sampler thread); a sample by reference sends only the keys
+and the store's path and id (`common.wire`), for a learner that reads the map itself. Replies
+travel back over an inproc socket, and an ack is sent only after the commit that holds its
+subtree. Nothing a peer sends can stop any thread: every bad message gets an error reply (or is
+dropped when even the sender cannot be told) and is counted by its error code.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from common.wire import (
     SampleRequestMsg,
     StatsReplyMsg,
     StatsRequestMsg,
+    StoreReference,
     SubtreeMsg,
     VersionMsg,
     WireError,
@@ -68,6 +70,7 @@ from common.wire import (
 from replay.limits import check_replay_config
 from replay.reply_buffers import ReplyBuffers
 from replay.store import (
+    SUBTREES_DB,
     IngestItem,
     SampleDecision,
     SampleRequestError,
@@ -141,6 +144,9 @@ class ReplayService:
                 self._server.close()
             self.ctx.destroy(linger=0)
             raise
+        self._store_reference = StoreReference(
+            path=str(self.store.path.resolve()), store_id=self.store.store_id, db=SUBTREES_DB
+        )
         self.counters = Counters()
         self.metrics = MetricsWriter(config.logging.metrics_path, role="replay")
         self._stop = threading.Event()
@@ -486,7 +492,12 @@ class ReplayService:
 
         try:
             self.store.answer_sample(
-                message.request_id, message.n, message.learner_version, sink=self._reply_buffers.frames, reply=reply
+                message.request_id,
+                message.n,
+                message.learner_version,
+                sink=self._reply_buffers.frames,
+                reply=reply,
+                by_reference=message.by_reference,
             )
         except VersionAheadError:
             self._work.put((_REQUEST_PRIORITY, next(self._order), _VersionFirst(request)))
@@ -498,10 +509,14 @@ class ReplayService:
             detail = f"store error, retry later: {error}"
             replies.send_multipart(self._error_frames(request.identity, message.req, ErrorCode.INTERNAL, detail))
         self.counters.inc("sample_requests")
+        if message.by_reference:
+            self.counters.inc("sample_requests_by_reference")
         return True
 
     def _sample_reply(self, message: SampleRequestMsg, decision: SampleDecision) -> list[Any]:
-        """The sample reply's frames: the trees' infos, then their Arrow messages as the store gave them."""
+        """The sample reply's frames: the trees' infos, then their Arrow messages as the store gave them
+        (by reference: no blobs; each info lists its subtree keys and the reply names the store)."""
+        by_reference = message.by_reference and decision.ready
         infos, blobs = [], []
         for tree in decision.trees:
             record = tree.record
@@ -515,9 +530,11 @@ class ReplayService:
                     max_version=record.max_version,
                     staleness=tree.staleness,
                     times_sampled=record.times_sampled,
+                    keys=[bytes(key).hex() for key in tree.messages] if by_reference else None,
                 )
             )
-            blobs.extend(tree.messages)
+            if not by_reference:
+                blobs.extend(tree.messages)
         if not decision.ready:
             self.counters.inc("sample_not_ready")
         reply = SampleReplyMsg(
@@ -526,6 +543,7 @@ class ReplayService:
             ready=decision.ready,
             reason=decision.reason,
             trees=infos,
+            store=self._store_reference if by_reference else None,
         )
         return encode_message(reply, blobs)
 
@@ -533,6 +551,9 @@ class ReplayService:
 
     def _housekeeping(self) -> None:
         self._commit_samples()  # samples whose recording failed are retried even when no new sample comes
+        if cleared := self.store.clear_stale_readers():
+            self.counters.inc("stale_readers_cleared", cleared)
+            log.warning("replay_stale_readers_cleared", readers=cleared)
         try:
             expired = self.store.expire_leases()
         except StoreError as error:

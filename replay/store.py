@@ -40,6 +40,15 @@ and is held for a transaction's body but not for its commit. Hence the rules:
   alone; one retired meanwhile as stale may go, but its reply reads its own snapshot.
 - py-lmdb opens every environment with MDB_NOTLS, so read transactions (and pinned ones) may be
   begun and ended on any thread; LMDB's writer lock stays with the writer thread.
+
+Samples by reference (`answer_sample(..., by_reference=True)`): instead of the messages, each
+sampled tree carries its subtree keys, and the learner reads them from the map in its own process
+(`common.store_reader`), in a read transaction it opens after the reply. So that the keys are still
+there, a tree handed out this way is held from eviction for `replay.reference_hold_s` after the
+reservation (in memory: a restarted replay holds nothing, and a learner that finds a key gone asks
+again by value). While held trees are skipped, the store may stay above its capacity bounds by at
+most the trees held. `store_id` (written into `meta` when the store is created) lets a reader check
+that a path names this store and not another one.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import random
 import struct
 import threading
 import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -61,6 +71,7 @@ from typing import Any
 import lmdb
 
 from common.config import ReplayConfig
+from common.store_reader import STORE_ID_KEY
 from common.subtree import SubtreeSummary, inspect_subtree
 from common.tree import InvalidTreeError, NodeShape, validate_structure
 from common.wire import ErrorCode
@@ -68,6 +79,8 @@ from replay.limits import RateLimiter, admission_capacity, check_replay_config
 
 _U64 = struct.Struct(">Q")
 _SUBTREE_KEY = struct.Struct(">QI")
+SUBTREES_DB = "subtrees"
+
 _COUNTERS_KEY = b"counters"
 _MAX_TREE_INDEX = 2**63 - 1
 
@@ -328,7 +341,7 @@ class TreeStore:
         self.clock = clock
         self.rng = rng or random.Random(config.seed)
         self.env = open_environment(self.path, self.map_size_bytes)
-        self.db_subtrees = self.env.open_db(b"subtrees")
+        self.db_subtrees = self.env.open_db(SUBTREES_DB.encode())
         self.db_trees = self.env.open_db(b"trees")
         self.db_ready = self.env.open_db(b"ready")
         self.db_batches = self.env.open_db(b"batches")
@@ -339,7 +352,18 @@ class TreeStore:
         self._reservations: dict[int, _Reservation] = {}
         self._reservation_keys = itertools.count()
         self._pending: Counter[int] = Counter()  # tree index -> reserved samples not yet recorded
+        self._held: dict[int, float] = {}  # tree index -> clock time until which eviction leaves it (by reference)
+        self.store_id = self._ensure_store_id()
         self._load()
+
+    def _ensure_store_id(self) -> str:
+        """The id written into the store when it was created (by this call if it is new)."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(STORE_ID_KEY, db=self.db_meta)
+            if raw is None:
+                raw = uuid.uuid4().hex.encode()
+                txn.put(STORE_ID_KEY, raw, db=self.db_meta)
+        return raw.decode()
 
     # ------------------------------------------------------------------------------ state (cache)
 
@@ -884,6 +908,7 @@ class TreeStore:
         learner_version: int,
         sink: MessageSink | None = None,
         reply: Callable[[SampleDecision], None] | None = None,
+        by_reference: bool = False,
     ) -> SampleDecision:
         """Writer thread: record a newer learner version, answer the sample, then record it.
 
@@ -895,10 +920,10 @@ class TreeStore:
         """
         try:
             try:
-                return self.answer_sample(request_id, n, learner_version, sink, reply)
+                return self.answer_sample(request_id, n, learner_version, sink, reply, by_reference)
             except VersionAheadError:
                 self.set_learner_version(learner_version)
-                return self.answer_sample(request_id, n, learner_version, sink, reply)
+                return self.answer_sample(request_id, n, learner_version, sink, reply, by_reference)
         finally:
             self.commit_samples()
 
@@ -909,8 +934,12 @@ class TreeStore:
         learner_version: int,
         sink: MessageSink | None = None,
         reply: Callable[[SampleDecision], None] | None = None,
+        by_reference: bool = False,
     ) -> SampleDecision:
         """Any thread: hand out n completed trees (all or none); a repeated request_id gets the same trees.
+
+        With `by_reference`, each tree's `messages` are its subtree keys (bytes, seq order) instead,
+        and the trees are held from eviction for `replay.reference_hold_s` (the module docstring).
 
         Writes nothing and never waits for a commit (only for a transaction body, which holds the
         state lock): the trees are reserved, read from a read transaction (the last committed state,
@@ -933,8 +962,14 @@ class TreeStore:
                 reply(plan)
             return plan
         picked, txn, reservation = plan
+        if by_reference:
+            self._hold(record.index for record, _ in picked)
         try:
-            decision = SampleDecision(True, "", self._read_trees(txn, picked, sink or copy_messages))
+            if by_reference:
+                trees = self._read_keys(txn, picked)
+            else:
+                trees = self._read_trees(txn, picked, sink or copy_messages)
+            decision = SampleDecision(True, "", trees)
             if reply is not None:
                 reply(decision)
         except BaseException as error:
@@ -1086,6 +1121,38 @@ class TreeStore:
             start += len(views)
         return trees
 
+    def _read_keys(self, txn: lmdb.Transaction, picked: Sequence[tuple[TreeRecord, int]]) -> list[SampledTree]:
+        """The picked trees with their subtree keys (bytes, seq order) as `messages`; ends `txn`."""
+        try:
+            trees = []
+            for record, staleness in picked:
+                cursor = txn.cursor(db=self.db_subtrees)
+                prefix = _U64.pack(record.index)
+                keys: list[bytes] = []
+                if cursor.set_range(prefix):
+                    for key in cursor.iternext(keys=True, values=False):
+                        if bytes(key[: len(prefix)]) != prefix:
+                            break
+                        keys.append(bytes(key))
+                trees.append(SampledTree(record, staleness, keys))
+            return trees
+        finally:
+            txn.abort()
+
+    def _hold(self, indexes: Iterable[int]) -> None:
+        """Keep these trees from eviction for reference_hold_s (a sample by reference names their keys)."""
+        until = self.clock() + self.config.reference_hold_s
+        with self._lock:
+            for index in indexes:
+                self._held[index] = until
+
+    def _current_holds(self) -> dict[int, float]:
+        """The holds that have not run out (expired ones are forgotten); under the lock."""
+        now = self.clock()
+        for index in [i for i, until in self._held.items() if until <= now]:
+            del self._held[index]
+        return self._held
+
     def _message_views(self, txn: lmdb.Transaction, index: int) -> list[memoryview]:
         """A tree's messages in seq order as buffers into the map (`txn` must use buffers=True)."""
         cursor = txn.cursor(db=self.db_subtrees)
@@ -1124,10 +1191,14 @@ class TreeStore:
 
     def _evict(self, txn: lmdb.Transaction) -> None:
         """Evict the oldest retired trees while the store is over either capacity bound."""
+        held = self._current_holds()
         while self.retired and (
             len(self.live) > self.config.capacity_trees or self.live_bytes > self.config.capacity_bytes
         ):
-            index = next(iter(self.retired))  # _drop removes it from `retired` and its bytes from retired_bytes
+            # _drop removes it from `retired` and its bytes from retired_bytes; held trees (few) are skipped
+            index = next((i for i in self.retired if i not in held), None)
+            if index is None:
+                break
             record = self.live[index]
             self._drop(txn, record, TreeState.EVICTED, None)
             self.counters["evicted"] += 1
@@ -1146,6 +1217,7 @@ class TreeStore:
             "growing": self.growing,
             "ready": self.ready_count,
             "retired_kept": len(self.retired),
+            "held_for_reference": len(self._current_holds()),
             "live_trees": len(self.live),
             "live_bytes": self.live_bytes,
             "retired_bytes": self.retired_bytes,
@@ -1153,6 +1225,11 @@ class TreeStore:
             "admission_capacity": capacity,
             "sampler": self.config.sampler,
         }
+
+    def clear_stale_readers(self) -> int:
+        """Free the reader slots of dead processes (a learner killed inside a read of a sample by reference):
+        LMDB keeps every page such a slot's snapshot sees, so the map would fill up. Any thread."""
+        return int(self.env.reader_check())
 
     def close(self) -> None:
         self.env.close()

@@ -21,6 +21,8 @@ from common.replay_client import (
     ReplayClientError,
     ReplayRequestError,
     ReplayTimeout,
+    replay_is_local,
+    resolve_by_reference,
 )
 from common.subtree import SubtreeHeader, decode_subtree, encode_subtree
 from common.tree import FinishReason, TurnNode
@@ -775,3 +777,38 @@ def test_closed_client_refuses_work(servers, ctx) -> None:
         client.send_subtree(subtree("b"), "b", 0)
     client.close()  # idempotent
     assert not ctx.closed  # a context passed in stays usable
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "local"),
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.0.0.2:5555", True),
+        ("tcp://localhost:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("ipc:///tmp/replay.sock", True),
+        ("tcp://10.0.0.7:5555", False),
+        ("tcp://replay-host:5555", False),
+    ],
+)
+def test_samples_by_reference_follow_the_setting_and_auto_means_replay_on_this_host(endpoint: str, local: bool) -> None:
+    assert replay_is_local(endpoint) is local
+    assert resolve_by_reference(endpoint, TransportConfig(sample_by_reference="auto")) is local
+    assert resolve_by_reference(endpoint, TransportConfig(sample_by_reference="on")) is True
+    assert resolve_by_reference(endpoint, TransportConfig(sample_by_reference="off")) is False
+
+
+def test_a_sample_request_asks_by_reference_when_the_client_does(servers, clients) -> None:
+    seen: list[SampleRequestMsg] = []
+
+    def not_ready(received: Received, server: FakeReplay) -> list[Reply]:
+        assert isinstance(received.message, SampleRequestMsg)
+        seen.append(received.message)
+        return [(SampleReplyMsg(req=received.message.req, request_id=received.message.request_id, ready=False), [])]
+
+    server = servers(not_ready)
+    for by_reference in (True, False):
+        client = learner(clients, server, by_reference=by_reference)
+        reply, trees = client.try_sample(2, 0, timeout_s=5)
+        assert not reply.ready and trees == []
+    assert [m.by_reference for m in seen] == [True, False]

@@ -25,6 +25,7 @@ from common.wire import (
     SampleRequestMsg,
     StatsReplyMsg,
     StatsRequestMsg,
+    StoreReference,
     SubtreeMsg,
     VersionMsg,
     WeightsAnnounceMsg,
@@ -67,6 +68,17 @@ EXAMPLES: list[tuple[Any, list[bytes]]] = [
     (SampleRequestMsg(req=5, request_id="r-1", n=2, learner_version=7), []),
     (SampleReplyMsg(req=6, request_id="r-1", ready=True, trees=[info("a", 2), info("b", 1)]), [b"a0", b"a1", b"b0"]),
     (SampleReplyMsg(req=6, request_id="r-1", ready=False, reason="not enough trees"), []),
+    (SampleRequestMsg(req=5, request_id="r-2", n=1, learner_version=7, by_reference=True), []),
+    (
+        SampleReplyMsg(
+            req=6,
+            request_id="r-2",
+            ready=True,
+            trees=[info("a", 2).model_copy(update={"keys": ["00aa", "00ab"]})],
+            store=StoreReference(path="/runs/replay", store_id="0f" * 16, db="subtrees"),
+        ),
+        [],
+    ),
     (VersionMsg(req=7, version=12), []),
     (StatsRequestMsg(req=8), []),
     (StatsReplyMsg(req=9, stats={"trees": 3, "nested": {"a": [1, 2.5, None, "é"]}, "ok": True}), []),
@@ -132,6 +144,44 @@ def test_encode_refuses_a_wrong_blob_count() -> None:
         encode_message(VersionMsg(version=1), [b"x"])
     with pytest.raises(WireError):
         encode_message(SampleReplyMsg(request_id="r", ready=True, trees=[info("a", 2)]), [b"a0"])
+
+
+def _reply_header(**changes: Any) -> bytes:
+    header = {
+        "proto": PROTOCOL_VERSION,
+        "kind": "sample_reply",
+        "req": 1,
+        "request_id": "r",
+        "ready": True,
+        "trees": [{**info("a", 2).model_dump(), "keys": ["01", "02"]}],
+        "store": {"path": "/runs/replay", "store_id": "ab", "db": "subtrees"},
+    }
+    header.update(changes)
+    return json.dumps(header).encode()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"store": None},  # keys without the store they index
+        {"trees": [info("a", 2).model_dump()]},  # the store, but a tree without keys
+        {"trees": [{**info("a", 2).model_dump(), "keys": ["01"]}]},  # fewer keys than messages
+        {"trees": [{**info("a", 2).model_dump(), "keys": ["01", "zz"]}]},  # not hex
+        {"trees": [{**info("a", 2).model_dump(), "keys": ["01", "0" * 300]}]},  # too long
+        {"store": {"path": "", "store_id": "ab", "db": "subtrees"}},
+    ],
+)
+def test_a_sample_reply_by_reference_must_name_its_store_and_every_key(changes: dict[str, Any]) -> None:
+    with pytest.raises(WireError) as error:
+        decode_message([_reply_header(**changes)], LIMIT)
+    assert error.value.code is ErrorCode.MALFORMED
+
+
+def test_a_sample_reply_by_reference_carries_no_blobs() -> None:
+    message, blobs = decode_message([_reply_header()], LIMIT)
+    assert isinstance(message, SampleReplyMsg) and message.store is not None and blobs == []
+    with pytest.raises(WireError):
+        decode_message([_reply_header(), b"a0", b"a1"], LIMIT)
 
 
 def test_split_routed() -> None:

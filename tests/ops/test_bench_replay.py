@@ -38,8 +38,13 @@ def test_a_small_replay_bench_reports_every_figure(tmp_path: Path) -> None:
         "socket_floor_p99_ms",
         "socket_floor_idle_p50_ms",
         "sample_p50_ms_per_tree",
+        "sample_by_value_p50_ms",
+        "sample_by_value_p99_ms",
+        "sample_by_value_idle_p50_ms",
+        "reference_vs_value_p99",
     ):
         assert figures[key] is not None and figures[key] > 0, key
     assert figures["samples"] > 0 and figures["rejected"] == 0
+    assert figures["reference_fallbacks"] == 0  # the sampler process read every sample from the store itself
     assert figures["sample_batch_trees"] == 4
     assert figures["sample_reply_mb"] == pytest.approx(4 * figures["message_kb"] * 1024 / 1e6, rel=0.2)

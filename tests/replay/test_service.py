@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.config import RunConfig, build_config
+from common.config import RunConfig, TransportConfig, build_config
 from common.replay_client import ActorReplayClient, LearnerReplayClient
+from common.store_reader import StoreReader, StoreReferenceError
 from common.wire import (
     AckMsg,
     ErrorCode,
@@ -31,6 +33,7 @@ from common.wire import (
 from replay.reply_buffers import ZERO_COPY_MIN_BYTES
 from replay.service import ReplayService
 from replay.synthetic import random_tree, tree_messages
+from tests.support import at2po, free_endpoint
 
 MAX_MESSAGE_BYTES = 256 * 1024
 
@@ -242,7 +245,7 @@ def test_sample_replies_arrive_zero_copy_and_equal_the_stored_trees(tmp_path: Pa
                 for seq, data in enumerate(messages):
                     actor.send_subtree(data, tree_id, seq)
             actor.flush(timeout_s=10)
-        with LearnerReplayClient(svc.endpoint, config.transport) as learner:
+        with LearnerReplayClient(svc.endpoint, config.transport, by_reference=False) as learner:
             replies = [learner.sample(2, 0, timeout_s=10) for _ in range(5)]
         for sampled in replies:
             assert sorted(t.info.tree_id for t in sampled) == sorted(tree_ids)
@@ -317,3 +320,79 @@ def test_a_sample_with_a_newer_learner_version_records_it_first(peer: Peer) -> N
     assert (figures["learner_version"], figures["samples"]) == (2, 2)
     reply, _ = peer.request(SampleRequestMsg(req=8, request_id="b", n=1, learner_version=3))
     assert not reply.ready and stats(peer)["store"]["learner_version"] == 3
+
+
+# ------------------------------------------------------------------------------ samples by reference
+
+
+def _send_trees(endpoint: str, config: RunConfig, n: int, seed: int = 7) -> dict[str, list[bytes]]:
+    """n trees streamed by an actor client (acked); their messages by tree id."""
+    rng = np.random.default_rng(seed)
+    with ActorReplayClient(endpoint, "actor", config.transport) as actor:
+        tree_ids = actor.request_leases(n).tree_ids
+        sent = {
+            tree_id: tree_messages(random_tree(rng, tree_id, n_nodes=6), nodes_per_message=2) for tree_id in tree_ids
+        }
+        for tree_id, messages in sent.items():
+            for seq, data in enumerate(messages):
+                actor.send_subtree(data, tree_id, seq)
+        actor.flush(timeout_s=10)
+    return sent
+
+
+def test_a_learner_beside_replay_reads_its_samples_from_the_store(tmp_path: Path) -> None:
+    """Replay in its own process (as in `at2po run`): a loopback learner samples by reference by default."""
+    endpoint = free_endpoint()
+    config = make_config(tmp_path).model_copy(
+        update={"transport": TransportConfig(replay_endpoint=endpoint, max_message_bytes=MAX_MESSAGE_BYTES)}
+    )
+    command = [
+        *at2po(), "replay", "serve", "--dir", str(tmp_path / "store"), "--endpoint", endpoint,
+        "--set", "replay.map_size_gb=0.05", "--set", "replay.capacity_bytes=20000000",
+        "--set", "replay.trees_per_step=4", "--set", "logging.level=warning",
+    ]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        sent = _send_trees(endpoint, config, 4)
+        with LearnerReplayClient(endpoint, config.transport, request_timeout_s=30) as learner:
+            assert learner.by_reference  # auto on a loopback endpoint
+            first = learner.sample(2, 0, timeout_s=30)
+            second = learner.sample(2, 0, timeout_s=30)
+            counters = learner.counters()
+            replay_stats = learner.stats()
+        got = {tree.info.tree_id: list(tree.messages) for tree in [*first, *second]}
+        assert got == sent  # fifo: each tree once, every byte as sent
+        assert all(isinstance(m, memoryview) and m.readonly for tree in first for m in tree.messages)
+        assert (counters["samples_by_reference"], counters["reference_fallbacks"]) == (2, 0)
+        assert replay_stats["service"]["sample_requests_by_reference"] == 2
+        assert replay_stats["store"]["held_for_reference"] == 4
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_learner_that_cannot_read_the_store_gets_the_same_trees_by_value(service: ReplayService) -> None:
+    """In replay's own process LMDB refuses a second opening: the client asks again by value, and from then on."""
+    config = make_config(Path(service.store.path).parent)
+    sent = _send_trees(service.endpoint, config, 2)
+    with LearnerReplayClient(service.endpoint, config.transport, by_reference=True) as learner:
+        sampled = learner.sample(2, 0, timeout_s=10)  # fifo: a new request id would find no tree left
+        assert {tree.info.tree_id: [bytes(m) for m in tree.messages] for tree in sampled} == sent
+        assert learner.counters()["reference_fallbacks"] == 1 and not learner.by_reference
+        assert learner.counters()["samples_by_reference"] == 0
+
+
+def test_a_key_gone_falls_back_once_and_keeps_asking_by_reference(
+    service: ReplayService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(Path(service.store.path).parent)
+    sent = _send_trees(service.endpoint, config, 2)
+
+    def gone(self: StoreReader, store: Any, trees: Any) -> list[list[bytes]]:
+        raise StoreReferenceError("subtree key gone", permanent=False)
+
+    monkeypatch.setattr(StoreReader, "read", gone)
+    with LearnerReplayClient(service.endpoint, config.transport, by_reference=True) as learner:
+        sampled = learner.sample(2, 0, timeout_s=10)
+        assert {tree.info.tree_id: [bytes(m) for m in tree.messages] for tree in sampled} == sent
+        assert learner.counters()["reference_fallbacks"] == 1 and learner.by_reference

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from common.store_reader import StoreReader, StoreReferenceError
 from common.subtree import assemble_tree
 from common.tree import TurnTree
-from common.wire import ErrorCode
+from common.wire import ErrorCode, SampledTreeInfo, StoreReference
 from replay.store import (
     _COUNTERS_KEY,
+    SUBTREES_DB,
     ReadPin,
     SampleDecision,
     SampleRequestError,
@@ -32,6 +36,7 @@ from replay.store import (
     TreeStore,
     parse_tree_id,
 )
+from tests.support import read_by_reference_in_child
 
 
 def assert_same_tree(got: TurnTree, want: TurnTree) -> None:
@@ -1059,3 +1064,108 @@ def test_a_restarted_actor_releases_its_abandoned_growing_trees(kit: SimpleNames
     assert kit.disk_record(store, "0").state is TreeState.EXPIRED
     assert store.grant_leases(kit.ACTOR, 0).renewed == []  # without the flag nothing more is dropped
     assert store.stats()["growing"] == 2
+
+
+# ------------------------------------------------------------------------------ samples by reference
+
+
+def _reference_infos(decision: SampleDecision) -> list[SampledTreeInfo]:
+    return [
+        SampledTreeInfo(
+            tree_id=t.record.tree_id,
+            task_id="",
+            actor_id=t.record.actor_id,
+            n_messages=len(t.messages),
+            min_version=None,
+            max_version=None,
+            staleness=t.staleness,
+            times_sampled=1,
+            keys=[bytes(k).hex() for k in t.messages],
+        )
+        for t in decision.trees
+    ]
+
+
+def test_a_sample_by_reference_names_keys_another_process_reads_as_the_same_bytes(kit: SimpleNamespace) -> None:
+    store = kit.open(kit.config(trees_per_step=2))
+    ids = kit.lease(store, 2)
+    sent = {tree_id: kit.complete(store, tree_id, seed=int(tree_id)) for tree_id in ids}
+    decision = store.sample("r1", 2, 0, by_reference=True)
+    assert decision.ready and kit.ids(decision) == ids
+    infos = _reference_infos(decision)
+    reference = StoreReference(path=str(store.path), store_id=store.store_id, db=SUBTREES_DB)
+    assert read_by_reference_in_child(reference, infos) == [sent[tree_id] for tree_id in ids]
+    # The retry of the same request by value gets the same trees, as bytes.
+    again = store.sample("r1", 2, 0)
+    assert [t.messages for t in again.trees] == [sent[tree_id] for tree_id in ids]
+    # Another store's id at that path, no store at a path: unusable here for good; a key that is gone: this once.
+    other = read_by_reference_in_child(reference.model_copy(update={"store_id": "f" * 32}), infos)
+    assert isinstance(other, tuple) and other[1] and "another store" in other[0]
+    nowhere = read_by_reference_in_child(reference.model_copy(update={"path": str(store.path / "missing")}), infos)
+    assert isinstance(nowhere, tuple) and nowhere[1] and "no replay store" in nowhere[0]
+    gone = read_by_reference_in_child(reference, [infos[0].model_copy(update={"keys": ["ff" * 12] * len(sent["0"])})])
+    assert isinstance(gone, tuple) and not gone[1] and "is gone" in gone[0]
+
+
+def test_a_reader_in_the_stores_own_process_is_refused_for_good(kit: SimpleNamespace) -> None:
+    """LMDB opens an environment once per process: the learner client then asks by value."""
+    store = kit.open(kit.config(trees_per_step=1))
+    (tree_id,) = kit.lease(store, 1)
+    kit.complete(store, tree_id)
+    infos = _reference_infos(store.sample("r1", 1, 0, by_reference=True))
+    reader = StoreReader()
+    try:
+        with pytest.raises(StoreReferenceError) as refused:
+            reader.read(StoreReference(path=str(store.path), store_id=store.store_id, db=SUBTREES_DB), infos)
+        assert refused.value.permanent
+    finally:
+        reader.close()
+
+
+def test_the_store_id_is_made_once_and_survives_a_restart(kit: SimpleNamespace) -> None:
+    store = kit.open(kit.config())
+    first = store.store_id
+    assert len(first) == 32
+    assert kit.reopen(store).store_id == first
+    assert kit.open(kit.config(), name="another").store_id != first
+
+
+def test_a_tree_sampled_by_reference_is_held_from_eviction_until_its_hold_ends(kit: SimpleNamespace) -> None:
+    store = kit.open(kit.config(capacity_trees=2, trees_per_step=1, sampler="fifo", reference_hold_s=10.0))
+    (first,) = kit.lease(store, 1)
+    sent = kit.complete(store, first, seed=0)
+    assert store.sample("r1", 1, 0, by_reference=True).ready
+    assert store.stats()["held_for_reference"] == 1
+    for tree_id in kit.lease(store, 2):  # 3 live trees > 2: the consumed one would go first
+        kit.complete(store, tree_id, seed=int(tree_id))
+    assert kit.disk_record(store, first).state is TreeState.CONSUMED
+    assert kit.disk_subtrees(store, first) == len(sent)
+    assert store.stats()["live_trees"] == 3  # over capacity by the one tree held
+    kit.clock.advance(10.0)
+    assert store.stats()["held_for_reference"] == 0
+    assert store.sample("r2", 1, 0).ready  # consumes tree 1; the next ingest evicts the oldest consumed first
+    (last,) = kit.lease(store, 1)
+    kit.complete(store, last, seed=int(last))
+    assert kit.disk_record(store, first).state is TreeState.EVICTED
+    assert kit.disk_subtrees(store, first) == 0
+
+
+def test_the_reader_slot_of_a_learner_killed_mid_read_is_freed(kit: SimpleNamespace) -> None:
+    """A slot left by a dead reader would pin its snapshot's pages for good (the map would fill up)."""
+    store = kit.open(kit.config())
+    code = (
+        "import lmdb, sys, time\n"
+        "env = lmdb.open(sys.argv[1], readonly=True, lock=True, max_dbs=8)\n"
+        "txn = env.begin()\n"
+        "print('reading', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(store.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "reading"
+        assert store.clear_stale_readers() == 0  # alive: its slot stays
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    assert store.clear_stale_readers() == 1
+    assert store.clear_stale_readers() == 0
