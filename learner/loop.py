@@ -291,11 +291,14 @@ class Learner:
         )
         if self.is_main:
             counts = Counter(int(v) for v in staleness)
+            link = self.replay.counters() if self.replay is not None else {}
             self.metrics.emit(
                 "learner_step",
                 step=self.state.step,
                 version=self.state.version,
                 staleness_counts={str(k): n for k, n in sorted(counts.items())},
+                samples_by_reference=link.get("samples_by_reference", 0),
+                reference_fallbacks=link.get("reference_fallbacks", 0),
                 **metrics,
             )
             log.info(

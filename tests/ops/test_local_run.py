@@ -176,6 +176,9 @@ def test_short_run_survives_kill_9_of_every_role_and_reports(tmp_path: Path) -> 
     assert all(b - a in (0, 1) for a, b in itertools.pairwise(versions)), versions
     assert max(versions) == summary["final_version"]
     assert all(s["staleness_max"] is None or s["staleness_max"] <= 1 for s in steps)
+    # The learner, beside replay, read every sample from the store itself (counts restart with the learner).
+    assert steps[-1]["samples_by_reference"] >= 1
+    assert all(s["reference_fallbacks"] == 0 for s in steps)
 
     # Every acked subtree is in the store exactly once.
     export = tmp_path / "trees.parquet"
