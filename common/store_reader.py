@@ -34,7 +34,7 @@ from common.wire import SampledTreeInfo, StoreReference
 
 STORE_ID_KEY = b"store_id"
 META_DB = b"meta"
-MAX_DBS = 8  # as replay opens the store (replay.store.open_environment)
+MAX_DBS = 8  # named databases of a replay store (replay.store opens it with the same bound)
 
 
 class StoreReferenceError(RuntimeError):
@@ -101,15 +101,11 @@ class StoreReader:
                             f"tree {tree.tree_id}: subtree key {key} is gone from {store.path}", permanent=False
                         )
                     views.append(value)
-            sizes = iter([len(view) for view in views])
+            sizes = [len(view) for view in views]
             joined = memoryview(b"".join(views))  # the one copy, while the transaction holds the pages
-        out: list[list[memoryview]] = []
-        offset = 0
-        for tree in trees:
-            messages = []
-            for _ in tree.keys or ():
-                size = next(sizes)
-                messages.append(joined[offset : offset + size])
-                offset += size
-            out.append(messages)
-        return out
+        slices, offset = [], 0
+        for size in sizes:
+            slices.append(joined[offset : offset + size])
+            offset += size
+        in_order = iter(slices)
+        return [[next(in_order) for _ in tree.keys or ()] for tree in trees]

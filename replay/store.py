@@ -71,7 +71,7 @@ from typing import Any
 import lmdb
 
 from common.config import ReplayConfig
-from common.store_reader import STORE_ID_KEY
+from common.store_reader import MAX_DBS, META_DB, STORE_ID_KEY
 from common.subtree import SubtreeSummary, inspect_subtree
 from common.tree import InvalidTreeError, NodeShape, validate_structure
 from common.wire import ErrorCode
@@ -308,7 +308,7 @@ def open_environment(path: Path, map_size_bytes: int, readonly: bool = False) ->
     return lmdb.open(
         str(path),
         map_size=map_size_bytes,
-        max_dbs=8,
+        max_dbs=MAX_DBS,
         subdir=True,
         readonly=readonly,
         sync=True,
@@ -346,7 +346,7 @@ class TreeStore:
         self.db_ready = self.env.open_db(b"ready")
         self.db_batches = self.env.open_db(b"batches")
         self.db_leases = self.env.open_db(b"leases")
-        self.db_meta = self.env.open_db(b"meta")
+        self.db_meta = self.env.open_db(META_DB)
         self._lock = threading.RLock()  # the in-memory state; never held through a commit
         self._writer = threading.Lock()  # one transaction at a time, body and commit
         self._reservations: dict[int, _Reservation] = {}
@@ -1126,6 +1126,7 @@ class TreeStore:
         try:
             trees = []
             for record, staleness in picked:
+                # Not _iter_messages: this txn gives buffers (memoryview keys), like _message_views.
                 cursor = txn.cursor(db=self.db_subtrees)
                 prefix = _U64.pack(record.index)
                 keys: list[bytes] = []
